@@ -1,0 +1,227 @@
+"""sparsify(): load -> discover -> calibrate -> allocate -> write back -> verify -> report.
+
+Shaped after onnxruntime.quantization.quantize_static: model in, model out, calibration
+data, keyword options. The CLI builds the same options and calls the same function.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .allocation import AllocationProblem, allocate, get_allocator
+from .calibration import CalibrationSet, generate, graph_inputs, load_calibration
+from .config import SparsifyOptions
+from .discovery import Discovery, discover
+from .errors import FcptsError, UnsupportedModelError, VerificationError
+from .masks import magnitude, zero_smallest
+from .onnx_io import LoadedModel, check_output_path, load_model, sha256_of, staged_output
+from .report import LayerRow, Report
+from .verify import check_model_file, count_zeros_in_file, fidelity, run_onnxruntime
+from .writeback import apply_weights
+
+
+class _Timer:
+    """Wall time per pipeline stage, in the order the stages ran."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+def default_output_path(model_input: str | Path) -> Path:
+    """model.onnx -> model.sparse.onnx, next to the input."""
+    path = Path(model_input)
+    return path.with_name(path.stem + ".sparse.onnx")
+
+
+def default_report_path(model_output: str | Path) -> Path:
+    """model.sparse.onnx -> model.sparse.report.json, next to the output."""
+    path = Path(model_output)
+    return path.with_name(path.stem + ".report.json")
+
+
+def discover_or_refuse(loaded: LoadedModel, options: SparsifyOptions) -> Discovery:
+    found = discover(loaded.model, exclude=options.nodes_to_exclude, op_types=options.op_types,
+                     external=loaded.external_tensors)
+    if not found.weights:
+        why = (f"; {len(found.skipped)} weight(s) skipped, e.g. {found.skipped[0].name!r}: {found.skipped[0].reason}"
+               if found.skipped else "")
+        raise UnsupportedModelError(
+            f"{loaded.path}: nothing to prune (no Conv, ConvTranspose, Gemm or MatMul with a constant float "
+            f"weight{why}); check --exclude/--op-types or the model"
+        )
+    return found
+
+
+def _calibration(source: Any, loaded: LoadedModel, shapes: Mapping[str, Sequence[int]] | None) -> CalibrationSet:
+    if source is None:
+        return generate(graph_inputs(loaded.model), shapes=shapes)
+    return load_calibration(source, loaded.model)
+
+
+def sparsify(
+    model_input: str | Path,
+    model_output: str | Path | None = None,
+    calibration_data: Any = None,
+    *,
+    sparsity: float = 0.8,
+    method: str = "global",
+    nodes_to_exclude: Sequence[str] = (),
+    op_types: Sequence[str] | None = None,
+    max_layer_sparsity: float = 0.98,
+    batch_size: int = 64,
+    external_data: bool | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    report_path: str | Path | bool | None = None,
+) -> Report:
+    """Sparsify an ONNX model to an exact global sparsity and write a verified copy.
+
+    Args:
+        model_input: path of the ONNX model; never modified.
+        model_output: where to write; default ``<input stem>.sparse.onnx`` next to the input.
+        calibration_data: a ``.npz``/``.npy`` path, a dict of arrays, an iterable of feed
+            dicts, an onnxruntime ``CalibrationDataReader``, or None to verify on generated inputs.
+        sparsity: global target in (0, 1); exactly round(sparsity * N) prunable weights end zero.
+        method: allocation method: "uniform", "global", "erk" or "lamp".
+        nodes_to_exclude: regexes on node or weight names to keep dense.
+        op_types: restrict pruning to these op types.
+        max_layer_sparsity: upper bound on any layer's sparsity (default 0.98).
+        batch_size: samples per onnxruntime run when verifying.
+        external_data: write a separate data file (None: same form as the input).
+        input_shapes: full shapes for generated inputs with dynamic dims (only without calibration data).
+        report_path: JSON report path; None writes ``<output stem>.report.json``, False writes none.
+
+    Returns:
+        The :class:`~fcpts_onnx.report.Report`, also written as JSON unless report_path is False.
+
+    Raises:
+        FcptsError: for any problem with the inputs or options; nothing is written then.
+    """
+    options = SparsifyOptions(
+        sparsity=sparsity, method=method, nodes_to_exclude=tuple(nodes_to_exclude),
+        op_types=tuple(op_types) if op_types is not None else None,
+        max_layer_sparsity=max_layer_sparsity, batch_size=batch_size, external_data=external_data,
+    )
+    return run(model_input, model_output, calibration_data, options,
+               input_shapes=input_shapes, report_path=report_path)
+
+
+def run(model_input: str | Path, model_output: str | Path | None, calibration_data: Any,
+        options: SparsifyOptions, *, input_shapes: Mapping[str, Sequence[int]] | None = None,
+        report_path: str | Path | bool | None = None) -> Report:
+    """The pipeline behind :func:`sparsify` and ``fcpts-onnx optimize``."""
+    timer = _Timer()
+    get_allocator(options.method)  # unknown method: fail before reading anything
+    with timer.stage("load"):
+        loaded = load_model(model_input)
+        input_sha = sha256_of(loaded.path)
+    output_path = Path(model_output) if model_output is not None else default_output_path(loaded.path)
+    check_output_path(output_path, loaded)
+    if report_path is None:
+        report_path = default_report_path(output_path)
+    with timer.stage("discover"):
+        found = discover_or_refuse(loaded, options)
+    with timer.stage("calibrate"):
+        calibration = _calibration(calibration_data, loaded, input_shapes)
+    with timer.stage("dense_reference"):
+        try:
+            dense = run_onnxruntime(loaded.path, calibration, options.batch_size, what="input model")
+        except FcptsError as exc:
+            if calibration.generated:
+                raise type(exc)(f"{exc}; the inputs were generated from the graph's shapes, "
+                                "give real ones with --calib or sizes with --shape") from None
+            raise
+
+    with timer.stage("allocate"):
+        values = {w.name: w.values(loaded.model) for w in found.weights}
+        problem = AllocationProblem(
+            magnitudes=[magnitude(values[w.name]) for w in found.weights],
+            shapes=[w.shape for w in found.weights],
+            target=options.sparsity,
+            max_layer_sparsity=options.max_layer_sparsity,
+        )
+        counts = allocate(options.method, problem)
+        new_values = {w.name: zero_smallest(values[w.name], int(k)) for w, k in zip(found.weights, counts)}
+    achieved = problem.n_zeros / problem.total
+    metadata = {
+        "version": __version__, "method": options.method, "target_sparsity": repr(options.sparsity),
+        "achieved_sparsity": f"{achieved:.8f}", "zeros": f"{problem.n_zeros}/{problem.total}",
+    }
+    with timer.stage("write_back"):
+        out_model = apply_weights(loaded.model, found.weights, new_values, metadata)
+    external = options.external_data if options.external_data is not None else loaded.has_external_data
+
+    with staged_output(output_path) as stage:
+        with timer.stage("save"):
+            stage.save(out_model, external_data=external)
+        del out_model
+        with timer.stage("verify"):
+            check_model_file(stage.model_path)
+            written_counts = count_zeros_in_file(stage.model_path, found.weights)
+            written_zeros = sum(z for z, _ in written_counts.values())
+            if written_zeros != problem.n_zeros:
+                raise VerificationError(
+                    f"written model has {written_zeros} zero weights, {problem.n_zeros} required; this is a bug"
+                )
+            sparse = run_onnxruntime(stage.model_path, calibration, options.batch_size, what="written model")
+            agreement = fidelity(dense, sparse)
+        written = stage.commit()
+    output_sha = sha256_of(output_path)
+    if sha256_of(loaded.path) != input_sha:  # cannot happen: we never open the input for writing
+        raise VerificationError(f"{loaded.path} changed during the run; check what else writes to it")
+
+    layers = []
+    for w, before in zip(found.weights, problem.floors):
+        zeros, size = written_counts[w.name]
+        density = (size - zeros) / size
+        layers.append(LayerRow(
+            name=w.name, op_type=w.op_type, nodes=w.node_names, shape=list(w.shape), dtype=w.dtype,
+            storage=w.where, params=size, zeros_before=int(before), zeros=zeros, sparsity=zeros / size,
+            macs=w.macs, nonzero_macs=None if w.macs is None else int(round(w.macs * density)),
+        ))
+    notes = []
+    capped = [row.name for row, cap in zip(layers, problem.caps) if row.zeros == cap and cap < row.params]
+    if capped:
+        notes.append(f"{len(capped)} layer(s) held at the {options.max_layer_sparsity:.0%} per-layer bound "
+                     f"(--max-layer-sparsity): {', '.join(capped[:3])}{' ...' if len(capped) > 3 else ''}")
+    if calibration.generated:
+        notes.append("fidelity measured on generated random inputs; give --calib for meaningful numbers")
+    report = Report(
+        tool_version=__version__,
+        input_path=str(loaded.path), input_sha256=input_sha,
+        output_path=str(output_path), output_sha256=output_sha, output_files=[str(p) for p in written],
+        method=options.method, options=options.to_dict(), target_sparsity=options.sparsity,
+        total_params=problem.total, zero_params=written_zeros, required_zeros=problem.n_zeros,
+        achieved_sparsity=written_zeros / problem.total,
+        layers=layers, skipped=[asdict(s) for s in found.skipped],
+        calibration={
+            "source": calibration.source, "n_samples": calibration.n_samples, "generated": calibration.generated,
+            "inputs": {k: [list(v.shape), str(v.dtype)] for k, v in calibration.arrays.items()},
+            # Data-free methods learn nothing from the samples, so all of them are held out.
+            "held_out_samples": calibration.n_samples,
+        },
+        fidelity=[f.to_dict() for f in agreement],
+        verification={
+            "onnx_checker": "passed", "onnxruntime": "loaded and ran on every calibration sample",
+            "zeros_counted_in_file": written_zeros, "input_unchanged": True,
+        },
+        timings_s=timer.seconds,
+        notes=notes,
+    )
+    if report_path is not False:
+        report.write_json(report_path)
+    return report
+

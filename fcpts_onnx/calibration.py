@@ -1,0 +1,290 @@
+"""Calibration data: readers for every accepted source, validated against the graph's inputs.
+
+Whatever the source, calibration becomes a :class:`CalibrationSet`: one array per graph
+input whose first axis is the sample axis (the graph's batch axis). Sources:
+
+- ``.npz`` file: keys are graph input names, first axis = sample;
+- ``.npy`` file: one array, for single-input models;
+- an iterable of feed dicts ``{input_name: array}`` (each a batch);
+- an onnxruntime ``CalibrationDataReader`` (anything with ``get_next()``);
+- ``None``: inputs generated from the graph's shapes (smoke runs only).
+
+Everything is checked before any work: names, dtypes, ranks and static dimensions, sample
+counts, and NaN/inf values.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .errors import CalibrationError
+
+DEFAULT_DYNAMIC_DIM = 32  # generated inputs: unknown dims after the batch axis (override with shapes)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input as the graph declares it; dims are ints, or None/str when dynamic."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[int | str | None, ...] | None  # None: rank unknown
+
+    def describe(self) -> str:
+        dims = "?" if self.dims is None else "[" + ", ".join("?" if not isinstance(d, int) else str(d) for d in self.dims) + "]"
+        return f"{self.name} {self.dtype} {dims}"
+
+    @property
+    def static_batch(self) -> int | None:
+        if self.dims and isinstance(self.dims[0], int):
+            return self.dims[0]
+        return None
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a caller must feed (initializers that double as inputs are left out)."""
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        tt = vi.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype("float32")
+        dims = None
+        if tt.HasField("shape"):
+            dims = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+            )
+        specs.append(InputSpec(vi.name, dtype, dims))
+    return specs
+
+
+@dataclass
+class CalibrationSet:
+    """Validated calibration inputs: one array per graph input, first axis = samples."""
+
+    arrays: dict[str, np.ndarray]
+    source: str
+    generated: bool = False
+
+    @property
+    def n_samples(self) -> int:
+        return next(iter(self.arrays.values())).shape[0]
+
+    def take(self, index: np.ndarray | slice) -> CalibrationSet:
+        return CalibrationSet({k: v[index] for k, v in self.arrays.items()}, self.source, self.generated)
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, self.n_samples, batch_size):
+            yield {k: v[start:start + batch_size] for k, v in self.arrays.items()}
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise CalibrationError(
+                f"{path}: holds object arrays (pickled data), which are refused; save plain numeric arrays"
+            ) from None
+        raise CalibrationError(f"{path}: not a readable .npz file ({exc}); save it with numpy.savez") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise CalibrationError(f"{path}: not a readable .npz file ({exc}); save it with numpy.savez") from None
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise CalibrationError(
+                f"{path}: holds an object array (pickled data), which is refused; save a plain numeric array"
+            ) from None
+        raise CalibrationError(f"{path}: not a readable .npy file ({exc}); save it with numpy.save") from None
+    except (OSError, EOFError) as exc:
+        raise CalibrationError(f"{path}: not a readable .npy file ({exc}); save it with numpy.save") from None
+
+
+def _from_feeds(feeds: Iterable[Mapping[str, Any]], source: str) -> dict[str, list[np.ndarray]]:
+    collected: dict[str, list[np.ndarray]] = {}
+    keys = None
+    for i, feed in enumerate(feeds):
+        if not isinstance(feed, Mapping):
+            raise CalibrationError(
+                f"{source}: item {i} is a {type(feed).__name__}, not a dict of input name -> array"
+            )
+        if keys is None:
+            keys = set(feed)
+        elif set(feed) != keys:
+            raise CalibrationError(
+                f"{source}: item {i} has inputs {sorted(feed)} but item 0 has {sorted(keys)}; "
+                "give every batch the same inputs"
+            )
+        for name, value in feed.items():
+            collected.setdefault(name, []).append(np.asarray(value))
+    return collected
+
+
+def _reader_feeds(reader: Any) -> Iterator[Mapping[str, Any]]:
+    """Drain an onnxruntime CalibrationDataReader (get_next() until None)."""
+    if hasattr(reader, "rewind"):
+        reader.rewind()
+    while (feed := reader.get_next()) is not None:
+        yield feed
+
+
+def _concat(collected: dict[str, list[np.ndarray]], source: str) -> dict[str, np.ndarray]:
+    arrays = {}
+    for name, parts in collected.items():
+        ranks = {p.ndim for p in parts}
+        if len(ranks) > 1 or 0 in ranks:
+            raise CalibrationError(
+                f"{source}: batches of input {name!r} differ in rank or are scalars; "
+                "give each batch the shape [batch, ...]"
+            )
+        try:
+            arrays[name] = np.concatenate(parts, axis=0)
+        except ValueError:
+            shapes = sorted({p.shape[1:] for p in parts})
+            raise CalibrationError(
+                f"{source}: batches of input {name!r} have different sample shapes {shapes}; "
+                "make them equal"
+            ) from None
+    return arrays
+
+
+def _raw_arrays(source: Any, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], str]:
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise CalibrationError(f"{path}: no such calibration file; check the --calib path")
+        if path.suffix == ".npz":
+            return _read_npz(path), str(path)
+        if path.suffix == ".npy":
+            if len(specs) != 1:
+                names = ", ".join(s.name for s in specs)
+                raise CalibrationError(
+                    f"{path}: a .npy file holds one array but the model has {len(specs)} inputs ({names}); "
+                    "use a .npz with one key per input"
+                )
+            return {specs[0].name: _read_npy(path)}, str(path)
+        raise CalibrationError(
+            f"{path}: unsupported calibration file type {path.suffix or '(none)'!r}; use .npz or .npy"
+        )
+    if isinstance(source, Mapping):
+        return {k: np.asarray(v) for k, v in source.items()}, "calibration dict"
+    if hasattr(source, "get_next"):
+        name = type(source).__name__
+        return _concat(_from_feeds(_reader_feeds(source), name), name), name
+    if isinstance(source, Iterable):
+        return _concat(_from_feeds(source, "calibration data"), "calibration data"), "calibration data"
+    raise CalibrationError(
+        f"calibration data of type {type(source).__name__} is not understood; pass a .npz/.npy path, "
+        "an iterable of feed dicts or a CalibrationDataReader"
+    )
+
+
+def validate(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str) -> None:
+    """Check names, dtypes, shapes and values against the graph's inputs."""
+    expected = {s.name: s for s in specs}
+    listing = "; ".join(s.describe() for s in specs)
+    unknown = sorted(set(arrays) - set(expected))
+    if unknown:
+        raise CalibrationError(
+            f"{source}: {', '.join(map(repr, unknown))} not among the model's inputs ({listing}); rename the keys"
+        )
+    missing = sorted(set(expected) - set(arrays))
+    if missing:
+        raise CalibrationError(
+            f"{source}: no data for input {', '.join(map(repr, missing))} (model inputs: {listing}); add it"
+        )
+    counts = set()
+    for name, array in arrays.items():
+        spec = expected[name]
+        if array.dtype == object:
+            raise CalibrationError(f"{source}: input {name!r} is an object array; give a numeric array")
+        if array.dtype != spec.dtype:
+            raise CalibrationError(
+                f"{source}: input {name!r} is {array.dtype} but the model expects {spec.dtype}; "
+                f"convert it with .astype({str(spec.dtype)!r})"
+            )
+        if spec.dims is not None:
+            if array.ndim != len(spec.dims):
+                raise CalibrationError(
+                    f"{source}: input {name!r} has shape {list(array.shape)} but the model expects "
+                    f"{spec.describe()} (rank {len(spec.dims)}); the first axis is the sample axis"
+                )
+            for axis, (want, got) in enumerate(zip(spec.dims, array.shape)):
+                if axis > 0 and isinstance(want, int) and want != got:
+                    raise CalibrationError(
+                        f"{source}: input {name!r} has shape {list(array.shape)} but the model expects "
+                        f"{spec.describe()} (axis {axis} must be {want})"
+                    )
+            batch = spec.static_batch
+            if batch and array.shape[0] % batch:
+                raise CalibrationError(
+                    f"{source}: input {name!r} has {array.shape[0]} samples but the model's batch is fixed "
+                    f"at {batch}; give a multiple of {batch}"
+                )
+        if array.ndim == 0 or array.shape[0] == 0:
+            raise CalibrationError(f"{source}: input {name!r} has no samples; give at least one")
+        if np.issubdtype(array.dtype, np.floating) or array.dtype.kind == "V":
+            bad = np.count_nonzero(~np.isfinite(array.astype(np.float32)))
+            if bad:
+                raise CalibrationError(
+                    f"{source}: input {name!r} has {bad} NaN or infinite values; clean the data first"
+                )
+        counts.add(array.shape[0])
+    if len(counts) > 1:
+        raise CalibrationError(
+            f"{source}: inputs have different sample counts {sorted(counts)}; give every input the same number"
+        )
+
+
+def generate(specs: list[InputSpec], n_samples: int = 8, seed: int = 0,
+             shapes: Mapping[str, tuple[int, ...]] | None = None) -> CalibrationSet:
+    """Random inputs from the graph's declared shapes, for verification when no data is given.
+
+    Dynamic dims take their value from ``shapes`` (per input, full shape including batch)
+    or DEFAULT_DYNAMIC_DIM. Float inputs are standard normal, integer inputs zero.
+    """
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for spec in specs:
+        if shapes and spec.name in shapes:
+            shape = tuple(shapes[spec.name])
+        elif spec.dims is None:
+            raise CalibrationError(
+                f"input {spec.name!r} has no declared shape; give calibration data with --calib"
+            )
+        else:
+            batch = spec.static_batch or n_samples
+            shape = (batch,) + tuple(d if isinstance(d, int) else DEFAULT_DYNAMIC_DIM for d in spec.dims[1:])
+        if np.issubdtype(spec.dtype, np.floating):
+            arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        else:
+            arrays[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return CalibrationSet(arrays, "generated", generated=True)
+
+
+def load_calibration(source: Any, model: onnx.ModelProto) -> CalibrationSet:
+    """Read and validate calibration data from any accepted source (see module docstring)."""
+    specs = graph_inputs(model)
+    if source is None:
+        return generate(specs)
+    if isinstance(source, CalibrationSet):
+        validate(source.arrays, specs, source.source)
+        return source
+    arrays, name = _raw_arrays(source, specs)
+    if not arrays:
+        raise CalibrationError(f"{name}: holds no arrays; give one array per model input")
+    validate(arrays, specs, name)
+    return CalibrationSet(arrays, name)

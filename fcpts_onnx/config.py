@@ -1,0 +1,57 @@
+"""Options of a sparsify run, declared once with their meaning and validated in one place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from .errors import OptionError
+
+
+@dataclass(frozen=True)
+class SparsifyOptions:
+    """What to prune and how.
+
+    Attributes:
+        sparsity: global target S in (0, 1): the fraction of zeros over all prunable
+            weights, counting zeros already present. Hit exactly: round(S * N) zeros.
+        method: allocation method, a name from the allocation registry.
+        nodes_to_exclude: regular expressions; weights whose tensor name or any reading
+            node's name matches one (re.search) are left dense.
+        op_types: prune only weights of these op types (default: Conv, ConvTranspose, Gemm, MatMul).
+        max_layer_sparsity: no layer is pruned beyond this fraction, so no layer is
+            disconnected; layers whose existing zeros exceed it keep them.
+        batch_size: samples per onnxruntime run during verification.
+        external_data: write tensors to a separate data file; None keeps the input's form
+            (and switches to external data past protobuf's 2 GiB limit).
+    """
+
+    sparsity: float = 0.8
+    method: str = "global"
+    nodes_to_exclude: tuple[str, ...] = ()
+    op_types: tuple[str, ...] | None = None
+    max_layer_sparsity: float = 0.98
+    batch_size: int = 64
+    external_data: bool | None = None
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        s = self.sparsity
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or math.isnan(s) or not 0 < s < 1:
+            raise OptionError(f"--sparsity must be a number strictly between 0 and 1 (got {s!r}); e.g. 0.8 for 80%")
+        m = self.max_layer_sparsity
+        if not isinstance(m, (int, float)) or math.isnan(m) or not 0 < m <= 1:
+            raise OptionError(f"--max-layer-sparsity must be in (0, 1] (got {m!r})")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise OptionError(f"--batch-size must be a positive integer (got {self.batch_size!r})")
+        if isinstance(self.nodes_to_exclude, str):
+            object.__setattr__(self, "nodes_to_exclude", (self.nodes_to_exclude,))
+        object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
+        if self.op_types is not None:
+            ops = (self.op_types,) if isinstance(self.op_types, str) else tuple(self.op_types)
+            object.__setattr__(self, "op_types", ops)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        return d

@@ -1,0 +1,372 @@
+"""Finding the prunable weights of an exported graph, wherever they are stored.
+
+A prunable weight is the constant weight operand of a Conv, ConvTranspose, Gemm or MatMul
+node. Exporters store it as an initializer, as the output of a Constant node, behind one
+or more Identity nodes, or share one tensor between several nodes; all of these resolve
+to one :class:`PrunableWeight` that knows where its values live, so write-back changes
+exactly that tensor and nothing else. Weights used inside If/Loop/Scan bodies are listed
+but not pruned (see ``SkippedWeight.reason``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import OptionError, UnsupportedModelError
+
+PRUNABLE_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+# Weight dtypes we can prune: the value is read as float32 for ranking and written back
+# in its own dtype.
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.DOUBLE: "float64",
+}
+
+QUANTIZED_OP_TYPES = {
+    "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QAttention",
+    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QLinearAdd", "QLinearMul",
+}
+
+SUBGRAPH_OP_TYPES = ("If", "Loop", "Scan")
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """One node input that reads a weight."""
+
+    node_name: str
+    op_type: str
+    input_index: int
+    node_index: int
+
+
+@dataclass
+class PrunableWeight:
+    """A constant weight tensor that some Conv/ConvTranspose/Gemm/MatMul node multiplies by.
+
+    ``storage`` and ``index`` locate the TensorProto: ``graph.initializer[index]`` for
+    "initializer", the ``value`` attribute of ``graph.node[index]`` for "constant".
+    """
+
+    name: str
+    storage: str
+    index: int
+    shape: tuple[int, ...]
+    dtype: str
+    consumers: list[Consumer] = field(default_factory=list)
+    macs: int | None = None  # per inference; None when shapes are unknown
+    external: bool = False
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def op_type(self) -> str:
+        return self.consumers[0].op_type
+
+    @property
+    def node_names(self) -> list[str]:
+        return [c.node_name for c in self.consumers]
+
+    @property
+    def where(self) -> str:
+        kind = "initializer" if self.storage == "initializer" else "Constant node"
+        return kind + (" (external data)" if self.external else "")
+
+    def tensor(self, model: onnx.ModelProto) -> onnx.TensorProto:
+        """The TensorProto holding this weight in ``model`` (the loaded model or a copy of it)."""
+        if self.storage == "initializer":
+            return model.graph.initializer[self.index]
+        node = model.graph.node[self.index]
+        for attr in node.attribute:
+            if attr.name == "value":
+                return attr.t
+        raise AssertionError(f"Constant node {node.name!r} lost its value attribute")
+
+    def values(self, model: onnx.ModelProto) -> np.ndarray:
+        return numpy_helper.to_array(self.tensor(model))
+
+
+@dataclass(frozen=True)
+class SkippedWeight:
+    """A weight operand that is not pruned, and why."""
+
+    name: str
+    op_type: str
+    node_name: str
+    reason: str
+
+
+@dataclass
+class Discovery:
+    """Everything discovery found: what will be pruned and what was left alone."""
+
+    weights: list[PrunableWeight]
+    skipped: list[SkippedWeight]
+
+    @property
+    def total_params(self) -> int:
+        return sum(w.size for w in self.weights)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a constant tensor name comes from in the main graph."""
+
+    storage: str  # "initializer" | "constant"
+    index: int
+    name: str
+
+
+def _node_label(node: onnx.NodeProto, index: int) -> str:
+    return node.name or f"{node.op_type}_{index}"
+
+
+class _GraphIndex:
+    """Name lookups over the main graph: initializers, producers, Constant nodes."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.initializers = {t.name: i for i, t in enumerate(graph.initializer)}
+        self.producers: dict[str, int] = {}
+        for i, node in enumerate(graph.node):
+            for out in node.output:
+                if out:
+                    self.producers[out] = i
+        self.graph = graph
+
+    def resolve(self, name: str) -> tuple[_Source | None, str | None]:
+        """Follow Identity nodes back to a constant; returns (source, producer op that stopped us)."""
+        seen = set()
+        while name not in seen:
+            seen.add(name)
+            if name in self.initializers:
+                return _Source("initializer", self.initializers[name], name), None
+            if name not in self.producers:
+                return None, None  # a graph input or an outer-scope name
+            node = self.graph.node[self.producers[name]]
+            if node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+                name = node.input[0]
+                continue
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                if any(a.name == "value" for a in node.attribute):
+                    return _Source("constant", self.producers[name], node.output[0]), None
+                return None, "Constant"
+            return None, node.op_type
+        return None, None
+
+
+def _weight_input_indices(node: onnx.NodeProto, index: _GraphIndex) -> list[int]:
+    """Which inputs of a prunable node hold its weight (at most one)."""
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return [1] if len(node.input) > 1 else []
+    if node.op_type in ("Gemm", "MatMul"):
+        # The constant side is the weight; right is the usual one (x @ W).
+        right, _ = index.resolve(node.input[1])
+        if right is not None:
+            return [1]
+        left, _ = index.resolve(node.input[0])
+        if left is not None:
+            return [0]
+        return []
+    return []
+
+
+def _dequantize_fed(node: onnx.NodeProto, index: _GraphIndex) -> bool:
+    for name in node.input[:2]:
+        _, stopped_by = index.resolve(name)
+        if stopped_by in ("DequantizeLinear", "QuantizeLinear"):
+            return True
+    return False
+
+
+def refuse_quantized(model: onnx.ModelProto) -> None:
+    """Raise when the graph is already quantized: pruning int8 weights is a different job."""
+    index = _GraphIndex(model.graph)
+    quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES})
+    qdq = [
+        _node_label(n, i) for i, n in enumerate(model.graph.node)
+        if n.op_type in PRUNABLE_OP_TYPES and _dequantize_fed(n, index)
+    ]
+    if quantized or qdq:
+        what = ", ".join(quantized) if quantized else f"QDQ-fed weights ({qdq[0]}...)"
+        raise UnsupportedModelError(
+            f"the model is already quantized ({what}); sparsify the float model first, then quantize it"
+        )
+
+
+def _compile(patterns: Sequence[str]) -> list[re.Pattern]:
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as exc:
+            raise OptionError(f"--exclude {pattern!r} is not a valid regular expression ({exc})") from None
+    return compiled
+
+
+def _shape_map(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Static shapes of every value onnx shape inference can work out (unknown dims as None)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # shape inference is a best effort: MACs become unknown, nothing else
+        return {}
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+    return shapes
+
+
+def _node_macs(node: onnx.NodeProto, weight_shape: tuple[int, ...], weight_input: int,
+               shapes: dict[str, tuple[int | None, ...]]) -> int | None:
+    """Multiply-accumulates of one node per inference, the batch dimension counted as 1."""
+    def per_inference(shape):
+        if shape is None or not shape:
+            return None
+        dims = list(shape)
+        dims[0] = 1 if dims[0] is None else dims[0]
+        if any(d is None for d in dims):
+            return None
+        return dims
+
+    size = int(np.prod(weight_shape, dtype=np.int64))
+    if node.op_type == "Conv":
+        out = per_inference(shapes.get(node.output[0]))
+        # Each output element takes (C/groups * kernel) MACs; size(W) = M * that.
+        return None if out is None else size * int(np.prod(out[2:], dtype=np.int64)) * out[0]
+    if node.op_type == "ConvTranspose":
+        inp = per_inference(shapes.get(node.input[0]))
+        return None if inp is None else size * int(np.prod(inp[2:], dtype=np.int64)) * inp[0]
+    out = per_inference(shapes.get(node.output[0]))
+    if out is None:
+        return None
+    if node.op_type == "Gemm":
+        trans = {a.name: a.i for a in node.attribute}
+        # K is the contracted dimension of the weight, whichever side it sits on.
+        if weight_input == 1:
+            k = weight_shape[1] if trans.get("transB", 0) else weight_shape[0]
+        else:
+            k = weight_shape[0] if trans.get("transA", 0) else weight_shape[1]
+        return int(np.prod(out, dtype=np.int64)) * k
+    k = weight_shape[-2] if weight_input == 1 else weight_shape[-1]
+    return int(np.prod(out, dtype=np.int64)) * k
+
+
+def _subgraph_weights(node: onnx.NodeProto, node_index: int, outer: _GraphIndex) -> Iterable[SkippedWeight]:
+    """Weights used by prunable ops inside the bodies of a control-flow node."""
+    for attr in node.attribute:
+        graphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+        for body in graphs:
+            inner = _GraphIndex(body)
+            for j, sub in enumerate(body.node):
+                if sub.op_type in SUBGRAPH_OP_TYPES:
+                    yield from _subgraph_weights(sub, j, inner)
+                if sub.op_type not in PRUNABLE_OP_TYPES:
+                    continue
+                for k in (1, 0):
+                    if k >= len(sub.input):
+                        continue
+                    name = sub.input[k]
+                    source, _ = inner.resolve(name)
+                    if source is None and (name in outer.initializers or name in outer.producers):
+                        source, _ = outer.resolve(name)
+                    if source is not None:
+                        yield SkippedWeight(
+                            source.name, sub.op_type, _node_label(sub, j),
+                            f"inside the {node.op_type} node {_node_label(node, node_index)!r} "
+                            f"(attribute {attr.name}); weights in control-flow bodies are not pruned",
+                        )
+                        break
+
+
+def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
+             op_types: Sequence[str] | None = None, external: Iterable[str] = ()) -> Discovery:
+    """Find the prunable weights of ``model`` and the weight operands left alone.
+
+    Args:
+        model: the loaded model, tensor data in memory.
+        exclude: regular expressions; a weight is skipped when one matches (re.search) its
+            tensor name or the name of any node that reads it.
+        op_types: restrict pruning to these op types (default: all of PRUNABLE_OP_TYPES).
+        external: names of tensors stored as external data in the input file.
+    """
+    refuse_quantized(model)
+    patterns = _compile(exclude)
+    if op_types is not None:
+        unknown = sorted(set(op_types) - set(PRUNABLE_OP_TYPES))
+        if unknown:
+            raise OptionError(
+                f"--op-types {','.join(unknown)} not prunable; choose from {','.join(PRUNABLE_OP_TYPES)}"
+            )
+    selected_ops = set(op_types) if op_types is not None else set(PRUNABLE_OP_TYPES)
+    external = set(external)
+    graph = model.graph
+    index = _GraphIndex(graph)
+    shapes = _shape_map(model)
+
+    by_source: dict[_Source, PrunableWeight] = {}
+    skipped: list[SkippedWeight] = []
+    in_subgraphs: list[SkippedWeight] = []
+    for i, node in enumerate(graph.node):
+        label = _node_label(node, i)
+        if node.op_type in SUBGRAPH_OP_TYPES:
+            in_subgraphs.extend(_subgraph_weights(node, i, index))
+            continue
+        if node.op_type not in PRUNABLE_OP_TYPES or node.domain not in ("", "ai.onnx"):
+            continue
+        for k in _weight_input_indices(node, index):
+            source, _ = index.resolve(node.input[k])
+            tensor = (graph.initializer[source.index] if source.storage == "initializer"
+                      else next(a.t for a in graph.node[source.index].attribute if a.name == "value"))
+            shape = tuple(int(d) for d in tensor.dims)
+            consumer = Consumer(label, node.op_type, k, i)
+            if source in by_source:
+                by_source[source].consumers.append(consumer)
+                continue
+            reason = None
+            if tensor.data_type not in FLOAT_TYPES:
+                reason = f"{onnx.TensorProto.DataType.Name(tensor.data_type)} weight; only float weights are pruned"
+            elif len(shape) < 2:
+                reason = "weight has fewer than 2 dimensions"
+            elif node.op_type not in selected_ops:
+                reason = f"{node.op_type} not in --op-types"
+            elif any(p.search(source.name) or p.search(label) for p in patterns):
+                reason = "matches --exclude"
+            if reason is not None:
+                skipped.append(SkippedWeight(source.name, node.op_type, label, reason))
+                continue
+            by_source[source] = PrunableWeight(
+                name=source.name, storage=source.storage, index=source.index, shape=shape,
+                dtype=FLOAT_TYPES[tensor.data_type], consumers=[consumer],
+                external=source.name in external,
+            )
+
+    weights = list(by_source.values())
+    # A weight read by any excluded node, or also inside a control-flow body, is left whole:
+    # pruning it would change what that other reader sees.
+    subgraph_names = {s.name for s in in_subgraphs}
+    excluded_names = {s.name for s in skipped}
+    kept = []
+    for w in weights:
+        if w.name in subgraph_names or w.name in excluded_names:
+            why = ("also used inside a control-flow body; not pruned" if w.name in subgraph_names
+                   else "shared with a node that is not pruned")
+            skipped.append(SkippedWeight(w.name, w.op_type, w.consumers[0].node_name, why))
+            continue
+        macs = [_node_macs(graph.node[c.node_index], w.shape, c.input_index, shapes) for c in w.consumers]
+        w.macs = None if any(m is None for m in macs) else sum(macs)
+        kept.append(w)
+    return Discovery(weights=kept, skipped=skipped + in_subgraphs)
+

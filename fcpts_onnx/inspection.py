@@ -1,0 +1,100 @@
+"""What is in a model: prunable layers, where their weights live, sparsity, size and MACs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .calibration import graph_inputs
+from .discovery import discover
+from .masks import count_zeros
+from .onnx_io import load_model
+from .report import _fmt_count, _short, format_layer_table
+
+
+def inspect_model(model_path: str | Path, *, nodes_to_exclude: tuple[str, ...] = (),
+                  op_types: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """A JSON-ready description of the model as fcpts-onnx sees it."""
+    loaded = load_model(model_path)
+    model = loaded.model
+    found = discover(model, exclude=nodes_to_exclude, op_types=op_types, external=loaded.external_tensors)
+    layers = []
+    for w in found.weights:
+        values = w.values(model)
+        zeros = count_zeros(values)
+        layers.append({
+            "name": w.name, "op_type": w.op_type, "nodes": w.node_names, "shape": list(w.shape),
+            "dtype": w.dtype, "storage": w.where, "params": w.size, "zeros": zeros,
+            "sparsity": zeros / w.size, "macs": w.macs,
+            "nonzero_macs": None if w.macs is None else int(round(w.macs * (w.size - zeros) / w.size)),
+        })
+    total = sum(r["params"] for r in layers)
+    zeros = sum(r["zeros"] for r in layers)
+    macs = [r["macs"] for r in layers]
+    all_params = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
+    return {
+        "path": str(loaded.path),
+        "ir_version": model.ir_version,
+        "opsets": {op.domain or "ai.onnx": op.version for op in model.opset_import},
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "inputs": [s.describe() for s in graph_inputs(model)],
+        "outputs": [o.name for o in model.graph.output],
+        "nodes": len(model.graph.node),
+        "external_data": list(loaded.external_data_files),
+        "initializer_params": all_params,
+        "prunable_params": total,
+        "prunable_zeros": zeros,
+        "global_sparsity": zeros / total if total else 0.0,
+        "macs": sum(macs) if layers and all(m is not None for m in macs) else None,
+        "nonzero_macs": (sum(r["nonzero_macs"] for r in layers)
+                         if layers and all(m is not None for m in macs) else None),
+        "layers": layers,
+        "skipped": [asdict(s) for s in found.skipped],
+        "metadata": {p.key: p.value for p in model.metadata_props},
+    }
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    rows = [
+        {
+            "name": _short(r["name"]), "op": r["op_type"], "shape": "x".join(map(str, r["shape"])),
+            "dtype": r["dtype"], "where": r["storage"], "params": _fmt_count(r["params"]),
+            "sparsity": f"{r['sparsity']:.1%}", "macs": _fmt_count(r["macs"]),
+        }
+        for r in info["layers"]
+    ]
+    table = format_layer_table(rows, [
+        ("layer", "name", "<"), ("op", "op", "<"), ("shape", "shape", "<"), ("dtype", "dtype", "<"),
+        ("stored as", "where", "<"), ("params", "params", ">"), ("sparsity", "sparsity", ">"),
+        ("MACs", "macs", ">"),
+    ])
+    opsets = ", ".join(f"{d} {v}" for d, v in info["opsets"].items())
+    lines = [
+        f"{info['path']}: IR {info['ir_version']}, opsets {opsets}, {info['nodes']} nodes"
+        + (f", producer {info['producer']}" if info["producer"] else ""),
+        f"inputs: {'; '.join(info['inputs'])}",
+        f"outputs: {', '.join(info['outputs'])}",
+        "",
+        table if rows else "(no prunable layers)",
+        "",
+        f"prunable: {len(info['layers'])} weights, {info['prunable_params']} params "
+        f"({info['initializer_params']} params in initializers overall)",
+        f"global sparsity: {info['global_sparsity']:.2%} ({info['prunable_zeros']} zeros)",
+    ]
+    if info["macs"] is not None:
+        lines.append(f"MACs per inference (batch 1): {_fmt_count(info['macs'])} dense, "
+                     f"{_fmt_count(info['nonzero_macs'])} on non-zero weights")
+    else:
+        lines.append("MACs: unknown (shape inference could not resolve every layer's output shape)")
+    if info["external_data"]:
+        lines.append(f"external data: {', '.join(info['external_data'])}")
+    for s in info["skipped"]:
+        lines.append(f"skipped: {s['name']} ({s['op_type']} {s['node_name']}): {s['reason']}")
+    fcpts_meta = {k: v for k, v in info["metadata"].items() if k.startswith("fcpts_onnx.")}
+    if fcpts_meta:
+        lines.append("sparsified by fcpts-onnx: " + ", ".join(f"{k[11:]}={v}" for k, v in fcpts_meta.items()))
+    return "\n".join(lines)
+

@@ -1,0 +1,140 @@
+"""The run report: a JSON document for machines and a table for people."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class LayerRow:
+    """One prunable weight after the run, counted on the written file."""
+
+    name: str
+    op_type: str
+    nodes: list[str]
+    shape: list[int]
+    dtype: str
+    storage: str
+    params: int
+    zeros_before: int
+    zeros: int
+    sparsity: float
+    macs: int | None
+    nonzero_macs: int | None
+
+
+@dataclass
+class Report:
+    """Everything a sparsify run did and measured."""
+
+    tool_version: str
+    input_path: str
+    input_sha256: str
+    output_path: str
+    output_sha256: str
+    output_files: list[str]
+    method: str
+    options: dict
+    target_sparsity: float
+    total_params: int
+    zero_params: int
+    required_zeros: int
+    achieved_sparsity: float
+    layers: list[LayerRow]
+    skipped: list[dict]
+    calibration: dict
+    fidelity: list[dict]
+    verification: dict
+    timings_s: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        """Atomic: the report appears whole or not at all."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def format_table(self) -> str:
+        return format_summary(self)
+
+
+def _fmt_count(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def format_layer_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Plain aligned text table; columns are (header, key, align '<' or '>')."""
+    cells = [[str(r[key]) for _, key, _ in columns] for r in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (h, _, _) in enumerate(columns)]
+    def line(values):
+        return "  ".join(f"{v:{a}{w}}" for v, (_, _, a), w in zip(values, columns, widths)).rstrip()
+    out = [line([h for h, _, _ in columns]), line(["-" * w for w in widths])]
+    out += [line(c) for c in cells]
+    return "\n".join(out)
+
+
+def _short(name: str, width: int = 48) -> str:
+    return name if len(name) <= width else "..." + name[-(width - 3):]
+
+
+def format_summary(report: Report) -> str:
+    rows = [
+        {
+            "name": _short(r.name), "op": r.op_type, "shape": "x".join(map(str, r.shape)),
+            "params": _fmt_count(r.params), "before": f"{r.zeros_before / r.params:.1%}",
+            "sparsity": f"{r.sparsity:.1%}", "macs": _fmt_count(r.macs),
+        }
+        for r in report.layers
+    ]
+    table = format_layer_table(rows, [
+        ("layer", "name", "<"), ("op", "op", "<"), ("shape", "shape", "<"), ("params", "params", ">"),
+        ("zeros before", "before", ">"), ("sparsity", "sparsity", ">"), ("MACs", "macs", ">"),
+    ])
+    lines = [
+        f"fcpts-onnx {report.tool_version}: {report.method} to {report.target_sparsity:.1%} target",
+        table,
+        "",
+        f"global sparsity: {report.achieved_sparsity:.4%} ({report.zero_params} of {report.total_params} "
+        f"prunable weights are zero; target needs {report.required_zeros}), counted in the written file",
+    ]
+    macs = [r.macs for r in report.layers]
+    if all(m is not None for m in macs) and macs:
+        nz = sum(r.nonzero_macs for r in report.layers)
+        lines.append(f"MACs of prunable layers: {_fmt_count(sum(macs))} dense, {_fmt_count(nz)} on non-zero weights")
+    for f in report.fidelity:
+        parts = []
+        if f.get("top1_agreement") is not None:
+            parts.append(f"top-1 agreement {f['top1_agreement']:.2%}")
+        if f.get("nmse") is not None:
+            parts.append(f"NMSE {f['nmse']:.3g}")
+        if f.get("cosine") is not None:
+            parts.append(f"cosine {f['cosine']:.4f}")
+        if f.get("exact_match") is not None:
+            parts.append(f"exact match {f['exact_match']:.2%}")
+        lines.append(f"fidelity of output {f['name']!r} vs dense: " + ", ".join(parts))
+    cal = report.calibration
+    lines.append(f"on {cal['n_samples']} {'generated' if cal['generated'] else 'calibration'} samples "
+                 f"({cal['source']})")
+    if report.skipped:
+        lines.append(f"{len(report.skipped)} weight(s) left dense: " + "; ".join(
+            f"{_short(s['name'], 40)} ({s['reason']})" for s in report.skipped[:5]
+        ) + (" ..." if len(report.skipped) > 5 else ""))
+    for note in report.notes:
+        lines.append(f"note: {note}")
+    lines.append(f"wrote {report.output_path}")
+    return "\n".join(lines)

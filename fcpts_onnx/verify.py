@@ -1,0 +1,132 @@
+"""Checks on written models, as pure functions returning data keyed by tensor name.
+
+- ``check_model_file``: onnx.checker on the file (external data included).
+- ``run_onnxruntime``: outputs of a model file on calibration inputs.
+- ``count_zeros_in_file``: sparsity re-counted from the bytes on disk.
+- ``fidelity``: how close sparse outputs are to dense ones.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from .calibration import CalibrationSet
+from .discovery import PrunableWeight
+from .errors import UnsupportedModelError, VerificationError
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def check_model_file(path: str | os.PathLike) -> None:
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise VerificationError(f"written model fails onnx.checker: {_first_line(exc)}") from None
+
+
+def make_session(path: str | os.PathLike, *, what: str, threads: int | None = None):
+    """An onnxruntime CPU session, with a one-line error naming ``what`` failed to load."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types, not exported stably
+        error = UnsupportedModelError if what == "input model" else VerificationError
+        raise error(f"onnxruntime cannot load the {what}: {_first_line(exc)}") from None
+
+
+def run_onnxruntime(path: str | os.PathLike, calibration: CalibrationSet, batch_size: int,
+                    *, what: str) -> dict[str, np.ndarray]:
+    """All outputs of the model on every calibration sample, concatenated along axis 0."""
+    session = make_session(path, what=what)
+    names = [o.name for o in session.get_outputs()]
+    static = [i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int)]
+    step = static[0] if static else batch_size
+    collected: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feed in calibration.batches(step):
+        try:
+            outputs = session.run(names, feed)
+        except Exception as exc:
+            error = UnsupportedModelError if what == "input model" else VerificationError
+            raise error(f"onnxruntime failed to run the {what} on the calibration inputs: {_first_line(exc)}") from None
+        for name, value in zip(names, outputs):
+            collected[name].append(np.asarray(value))
+    return {n: np.concatenate(v, axis=0) if v[0].ndim else v[-1] for n, v in collected.items()}
+
+
+def count_zeros_in_file(path: str | os.PathLike, weights: list[PrunableWeight]) -> dict[str, tuple[int, int]]:
+    """(zeros, size) per weight, read back from the written file."""
+    model = onnx.load_model(str(path), load_external_data=True)
+    counts = {}
+    for w in weights:
+        tensor = w.tensor(model)
+        values = onnx.numpy_helper.to_array(tensor)
+        if values.shape != w.shape:
+            raise VerificationError(f"written weight {w.name!r} has shape {values.shape}, expected {w.shape}")
+        counts[w.name] = (int(np.count_nonzero(values.reshape(-1) == 0)), int(values.size))
+    return counts
+
+
+@dataclass
+class OutputFidelity:
+    """Agreement of one output between the dense and the sparse model."""
+
+    name: str
+    shape: list[int]
+    nmse: float | None  # sum((s - d)^2) / sum(d^2)
+    cosine: float | None  # mean over samples of cos(s, d)
+    max_abs_diff: float | None
+    top1_agreement: float | None  # classifiers: share of samples whose argmax matches
+    kl: float | None  # classifiers: mean KL(softmax(d) || softmax(s))
+    exact_match: float | None  # non-float outputs: share of equal elements
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def looks_like_logits(array: np.ndarray) -> bool:
+    return np.issubdtype(array.dtype, np.floating) and array.ndim == 2 and array.shape[1] >= 2
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def fidelity(dense: dict[str, np.ndarray], sparse: dict[str, np.ndarray]) -> list[OutputFidelity]:
+    results = []
+    for name, d in dense.items():
+        s = sparse[name]
+        if not np.issubdtype(d.dtype, np.floating):
+            results.append(OutputFidelity(name, list(d.shape), None, None, None, None, None,
+                                          float(np.mean(d == s)) if d.size else 1.0))
+            continue
+        d64, s64 = d.astype(np.float64), s.astype(np.float64)
+        energy = float(np.sum(d64 ** 2))
+        err = float(np.sum((s64 - d64) ** 2))
+        nmse = err / energy if energy > 0 else err / max(d.size, 1)
+        flat_d = d64.reshape(d.shape[0], -1) if d.ndim else d64.reshape(1, -1)
+        flat_s = s64.reshape(flat_d.shape)
+        norms = np.linalg.norm(flat_d, axis=1) * np.linalg.norm(flat_s, axis=1)
+        cos = np.where(norms > 0, np.sum(flat_d * flat_s, axis=1) / np.where(norms > 0, norms, 1), 1.0)
+        top1 = kl = None
+        if looks_like_logits(d):
+            top1 = float(np.mean(d.argmax(axis=1) == s.argmax(axis=1)))
+            log_p, log_q = _log_softmax(d64), _log_softmax(s64)
+            kl = float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
+        results.append(OutputFidelity(
+            name, list(d.shape), nmse, float(np.mean(cos)), float(np.max(np.abs(s64 - d64))) if d.size else 0.0,
+            top1, kl, None,
+        ))
+    return results
