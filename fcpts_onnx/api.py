@@ -17,7 +17,7 @@ from . import __version__
 from .allocation import AllocationProblem, allocate, get_allocator
 from .calibration import CalibrationSet, generate, graph_inputs, load_calibration
 from .config import SparsifyOptions
-from .discovery import Discovery, discover
+from .discovery import Discovery, assign_macs, discover
 from .errors import FcptsError, UnsupportedModelError, VerificationError
 from .masks import magnitude, zero_smallest
 from .onnx_io import LoadedModel, check_output_path, load_model, sha256_of, staged_output
@@ -136,6 +136,9 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
         found = discover_or_refuse(loaded, options)
     with timer.stage("calibrate"):
         calibration = _calibration(calibration_data, loaded, input_shapes)
+        # Dynamic-shape exports: count MACs at the calibration data's sample shape.
+        one_sample = calibration.take(slice(0, 1)).arrays
+        assign_macs(loaded.model, found.weights, {k: v.shape for k, v in one_sample.items()}, feed=one_sample)
     with timer.stage("dense_reference"):
         try:
             dense = run_onnxruntime(loaded.path, calibration, options.batch_size, what="input model")

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                      help="as in optimize: show these weights as skipped")
     ins.add_argument("--op-types", type=_op_types, metavar="OPS", help="as in optimize")
+    ins.add_argument("--shape", type=_shape, action="append", default=[], metavar="NAME=DIMS",
+                     help="pin a dynamic input's shape to count MACs, e.g. x=1,3,224,224")
     return parser
 
 
@@ -108,7 +110,8 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    info = inspect_model(args.model, nodes_to_exclude=tuple(args.exclude), op_types=args.op_types)
+    info = inspect_model(args.model, nodes_to_exclude=tuple(args.exclude), op_types=args.op_types,
+                         input_shapes=dict(args.shape) or None)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
     return 0
 

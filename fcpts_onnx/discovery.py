@@ -11,7 +11,7 @@ but not pruned (see ``SkippedWeight.reason``).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -168,7 +168,8 @@ class _GraphIndex:
 def _weight_input_indices(node: onnx.NodeProto, index: _GraphIndex) -> list[int]:
     """Which inputs of a prunable node hold its weight (at most one)."""
     if node.op_type in ("Conv", "ConvTranspose"):
-        return [1] if len(node.input) > 1 else []
+        # Only a constant weight (initializer/Constant, maybe behind Identity) is prunable.
+        return [1] if len(node.input) > 1 and index.resolve(node.input[1])[0] is not None else []
     if node.op_type in ("Gemm", "MatMul"):
         # The constant side is the weight; right is the usual one (x @ W).
         right, _ = index.resolve(node.input[1])
@@ -214,8 +215,23 @@ def _compile(patterns: Sequence[str]) -> list[re.Pattern]:
     return compiled
 
 
-def _shape_map(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
-    """Static shapes of every value onnx shape inference can work out (unknown dims as None)."""
+def _shape_map(model: onnx.ModelProto,
+               input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[int | None, ...]]:
+    """Static shapes of every value onnx shape inference can work out (unknown dims as None).
+
+    ``input_shapes`` pins graph inputs with dynamic dims (e.g. from the calibration data),
+    so dynamic-shape exports get MAC counts too.
+    """
+    if input_shapes:
+        pinned = onnx.ModelProto()
+        pinned.CopyFrom(model)
+        for vi in pinned.graph.input:
+            if vi.name in input_shapes and vi.type.tensor_type.HasField("shape"):
+                dims = vi.type.tensor_type.shape.dim
+                if len(dims) == len(input_shapes[vi.name]):
+                    for d, value in zip(dims, input_shapes[vi.name]):
+                        d.dim_value = int(value)
+        model = pinned
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception:  # shape inference is a best effort: MACs become unknown, nothing else
@@ -314,7 +330,6 @@ def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
     external = set(external)
     graph = model.graph
     index = _GraphIndex(graph)
-    shapes = _shape_map(model)
 
     by_source: dict[_Source, PrunableWeight] = {}
     skipped: list[SkippedWeight] = []
@@ -332,9 +347,6 @@ def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
                       else next(a.t for a in graph.node[source.index].attribute if a.name == "value"))
             shape = tuple(int(d) for d in tensor.dims)
             consumer = Consumer(label, node.op_type, k, i)
-            if source in by_source:
-                by_source[source].consumers.append(consumer)
-                continue
             reason = None
             if tensor.data_type not in FLOAT_TYPES:
                 reason = f"{onnx.TensorProto.DataType.Name(tensor.data_type)} weight; only float weights are pruned"
@@ -346,6 +358,10 @@ def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
                 reason = "matches --exclude"
             if reason is not None:
                 skipped.append(SkippedWeight(source.name, node.op_type, label, reason))
+                continue
+            # Every reader is checked against --exclude/--op-types, not only the first one.
+            if source in by_source:
+                by_source[source].consumers.append(consumer)
                 continue
             by_source[source] = PrunableWeight(
                 name=source.name, storage=source.storage, index=source.index, shape=shape,
@@ -365,8 +381,63 @@ def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
                    else "shared with a node that is not pruned")
             skipped.append(SkippedWeight(w.name, w.op_type, w.consumers[0].node_name, why))
             continue
-        macs = [_node_macs(graph.node[c.node_index], w.shape, c.input_index, shapes) for c in w.consumers]
-        w.macs = None if any(m is None for m in macs) else sum(macs)
         kept.append(w)
+    assign_macs(model, kept)
     return Discovery(weights=kept, skipped=skipped + in_subgraphs)
 
+
+def _measured_shapes(model: onnx.ModelProto, names: set[str],
+                     feed: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Shapes of ``names`` as onnxruntime computes them on ``feed`` (for what inference misses).
+
+    Exposes the values as extra graph outputs of a copy and runs it once. Best effort:
+    any failure (a graph over 2 GiB, an op onnxruntime refuses) leaves the shapes unknown.
+    """
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    wanted = sorted(names)
+    for name in wanted:
+        if name not in existing:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        ort.set_default_logger_severity(4)  # run-time errors are reported by us, in one line
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4
+        values = session.run(wanted, dict(feed), quiet)
+    except Exception:
+        return {}
+    return {name: tuple(np.shape(v)) for name, v in zip(wanted, values)}
+
+
+def assign_macs(model: onnx.ModelProto, weights: list[PrunableWeight],
+                input_shapes: Mapping[str, Sequence[int]] | None = None,
+                feed: Mapping[str, np.ndarray] | None = None) -> None:
+    """Set each weight's MACs per inference (batch 1), None where a shape stays unknown.
+
+    Shapes come from onnx shape inference, with the graph inputs pinned to ``input_shapes``;
+    where that cannot resolve a layer (Reshape fed by Shape ops, common in exports), one
+    onnxruntime run on ``feed`` (a batch-1 sample) measures them.
+    """
+    shapes = _shape_map(model, input_shapes)
+
+    def node_macs(w: PrunableWeight) -> list[int | None]:
+        return [_node_macs(model.graph.node[c.node_index], w.shape, c.input_index, shapes) for c in w.consumers]
+
+    if feed is not None:
+        missing = set()
+        for w in weights:
+            for c, macs in zip(w.consumers, node_macs(w)):
+                if macs is None:
+                    node = model.graph.node[c.node_index]
+                    missing.update({node.input[0], node.output[0]})
+        if missing:
+            shapes.update(_measured_shapes(model, missing, feed))
+    for w in weights:
+        macs = node_macs(w)
+        w.macs = None if any(m is None for m in macs) else sum(macs)

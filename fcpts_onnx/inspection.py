@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .calibration import graph_inputs
-from .discovery import discover
+from .calibration import generate, graph_inputs
+from .discovery import assign_macs, discover
 from .masks import count_zeros
 from .onnx_io import load_model
 from .report import _fmt_count, _short, format_layer_table
 
 
 def inspect_model(model_path: str | Path, *, nodes_to_exclude: tuple[str, ...] = (),
-                  op_types: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """A JSON-ready description of the model as fcpts-onnx sees it."""
+                  op_types: tuple[str, ...] | None = None,
+                  input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
+    """A JSON-ready description of the model as fcpts-onnx sees it.
+
+    ``input_shapes`` pins dynamic input dims (full shapes, batch first) so MACs can be counted.
+    """
     loaded = load_model(model_path)
     model = loaded.model
     found = discover(model, exclude=nodes_to_exclude, op_types=op_types, external=loaded.external_tensors)
+    if input_shapes:
+        specs = graph_inputs(model)
+        feed = generate(specs, shapes={s.name: (1, *input_shapes[s.name][1:]) for s in specs
+                                       if s.name in input_shapes}).take(slice(0, 1)).arrays
+        assign_macs(model, found.weights, input_shapes, feed=feed)
     layers = []
     for w in found.weights:
         values = w.values(model)
@@ -85,10 +95,10 @@ def format_inspection(info: dict[str, Any]) -> str:
         f"global sparsity: {info['global_sparsity']:.2%} ({info['prunable_zeros']} zeros)",
     ]
     if info["macs"] is not None:
-        lines.append(f"MACs per inference (batch 1): {_fmt_count(info['macs'])} dense, "
+        lines.append(f"MACs per inference: {_fmt_count(info['macs'])} dense, "
                      f"{_fmt_count(info['nonzero_macs'])} on non-zero weights")
     else:
-        lines.append("MACs: unknown (shape inference could not resolve every layer's output shape)")
+        lines.append("MACs: unknown (dynamic or unresolved shapes; pin inputs with --shape NAME=DIMS)")
     if info["external_data"]:
         lines.append(f"external data: {', '.join(info['external_data'])}")
     for s in info["skipped"]:

@@ -36,7 +36,8 @@ def make_session(path: str | os.PathLike, *, what: str, threads: int | None = No
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
+    ort.set_default_logger_severity(4)  # run-time errors are reported by us, in one line
     if threads:
         options.intra_op_num_threads = threads
     try:
@@ -54,9 +55,13 @@ def run_onnxruntime(path: str | os.PathLike, calibration: CalibrationSet, batch_
     static = [i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int)]
     step = static[0] if static else batch_size
     collected: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    import onnxruntime as ort
+
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a failing run is reported by us, in one line
     for feed in calibration.batches(step):
         try:
-            outputs = session.run(names, feed)
+            outputs = session.run(names, feed, quiet)
         except Exception as exc:
             error = UnsupportedModelError if what == "input model" else VerificationError
             raise error(f"onnxruntime failed to run the {what} on the calibration inputs: {_first_line(exc)}") from None
