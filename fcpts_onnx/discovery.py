@@ -49,6 +49,17 @@ class Consumer:
     node_index: int
 
 
+def locate_tensor(model: onnx.ModelProto, storage: str, index: int) -> onnx.TensorProto:
+    """The TensorProto at ``graph.initializer[index]`` or in ``graph.node[index]``'s value."""
+    if storage == "initializer":
+        return model.graph.initializer[index]
+    node = model.graph.node[index]
+    for attr in node.attribute:
+        if attr.name == "value":
+            return attr.t
+    raise AssertionError(f"Constant node {node.name!r} has no tensor value attribute")
+
+
 @dataclass
 class PrunableWeight:
     """A constant weight tensor that some Conv/ConvTranspose/Gemm/MatMul node multiplies by.
@@ -85,13 +96,7 @@ class PrunableWeight:
 
     def tensor(self, model: onnx.ModelProto) -> onnx.TensorProto:
         """The TensorProto holding this weight in ``model`` (the loaded model or a copy of it)."""
-        if self.storage == "initializer":
-            return model.graph.initializer[self.index]
-        node = model.graph.node[self.index]
-        for attr in node.attribute:
-            if attr.name == "value":
-                return attr.t
-        raise AssertionError(f"Constant node {node.name!r} lost its value attribute")
+        return locate_tensor(model, self.storage, self.index)
 
     def values(self, model: onnx.ModelProto) -> np.ndarray:
         return numpy_helper.to_array(self.tensor(model))
@@ -120,19 +125,22 @@ class Discovery:
 
 
 @dataclass(frozen=True)
-class _Source:
+class ConstantSource:
     """Where a constant tensor name comes from in the main graph."""
 
     storage: str  # "initializer" | "constant"
     index: int
     name: str
 
+    def tensor(self, model: onnx.ModelProto) -> onnx.TensorProto:
+        return locate_tensor(model, self.storage, self.index)
+
 
 def _node_label(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"{node.op_type}_{index}"
 
 
-class _GraphIndex:
+class GraphIndex:
     """Name lookups over the main graph: initializers, producers, Constant nodes."""
 
     def __init__(self, graph: onnx.GraphProto):
@@ -144,13 +152,13 @@ class _GraphIndex:
                     self.producers[out] = i
         self.graph = graph
 
-    def resolve(self, name: str) -> tuple[_Source | None, str | None]:
+    def resolve(self, name: str) -> tuple[ConstantSource | None, str | None]:
         """Follow Identity nodes back to a constant; returns (source, producer op that stopped us)."""
         seen = set()
         while name not in seen:
             seen.add(name)
             if name in self.initializers:
-                return _Source("initializer", self.initializers[name], name), None
+                return ConstantSource("initializer", self.initializers[name], name), None
             if name not in self.producers:
                 return None, None  # a graph input or an outer-scope name
             node = self.graph.node[self.producers[name]]
@@ -159,13 +167,13 @@ class _GraphIndex:
                 continue
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 if any(a.name == "value" for a in node.attribute):
-                    return _Source("constant", self.producers[name], node.output[0]), None
+                    return ConstantSource("constant", self.producers[name], node.output[0]), None
                 return None, "Constant"
             return None, node.op_type
         return None, None
 
 
-def _weight_input_indices(node: onnx.NodeProto, index: _GraphIndex) -> list[int]:
+def _weight_input_indices(node: onnx.NodeProto, index: GraphIndex) -> list[int]:
     """Which inputs of a prunable node hold its weight (at most one)."""
     if node.op_type in ("Conv", "ConvTranspose"):
         # Only a constant weight (initializer/Constant, maybe behind Identity) is prunable.
@@ -182,7 +190,7 @@ def _weight_input_indices(node: onnx.NodeProto, index: _GraphIndex) -> list[int]
     return []
 
 
-def _dequantize_fed(node: onnx.NodeProto, index: _GraphIndex) -> bool:
+def _dequantize_fed(node: onnx.NodeProto, index: GraphIndex) -> bool:
     for name in node.input[:2]:
         _, stopped_by = index.resolve(name)
         if stopped_by in ("DequantizeLinear", "QuantizeLinear"):
@@ -192,7 +200,7 @@ def _dequantize_fed(node: onnx.NodeProto, index: _GraphIndex) -> bool:
 
 def refuse_quantized(model: onnx.ModelProto) -> None:
     """Raise when the graph is already quantized: pruning int8 weights is a different job."""
-    index = _GraphIndex(model.graph)
+    index = GraphIndex(model.graph)
     quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES})
     qdq = [
         _node_label(n, i) for i, n in enumerate(model.graph.node)
@@ -280,12 +288,12 @@ def _node_macs(node: onnx.NodeProto, weight_shape: tuple[int, ...], weight_input
     return int(np.prod(out, dtype=np.int64)) * k
 
 
-def _subgraph_weights(node: onnx.NodeProto, node_index: int, outer: _GraphIndex) -> Iterable[SkippedWeight]:
+def _subgraph_weights(node: onnx.NodeProto, node_index: int, outer: GraphIndex) -> Iterable[SkippedWeight]:
     """Weights used by prunable ops inside the bodies of a control-flow node."""
     for attr in node.attribute:
         graphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
         for body in graphs:
-            inner = _GraphIndex(body)
+            inner = GraphIndex(body)
             for j, sub in enumerate(body.node):
                 if sub.op_type in SUBGRAPH_OP_TYPES:
                     yield from _subgraph_weights(sub, j, inner)
@@ -329,9 +337,9 @@ def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
     selected_ops = set(op_types) if op_types is not None else set(PRUNABLE_OP_TYPES)
     external = set(external)
     graph = model.graph
-    index = _GraphIndex(graph)
+    index = GraphIndex(graph)
 
-    by_source: dict[_Source, PrunableWeight] = {}
+    by_source: dict[ConstantSource, PrunableWeight] = {}
     skipped: list[SkippedWeight] = []
     in_subgraphs: list[SkippedWeight] = []
     for i, node in enumerate(graph.node):
@@ -343,8 +351,7 @@ def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
             continue
         for k in _weight_input_indices(node, index):
             source, _ = index.resolve(node.input[k])
-            tensor = (graph.initializer[source.index] if source.storage == "initializer"
-                      else next(a.t for a in graph.node[source.index].attribute if a.name == "value"))
+            tensor = source.tensor(model)
             shape = tuple(int(d) for d in tensor.dims)
             consumer = Consumer(label, node.op_type, k, i)
             reason = None

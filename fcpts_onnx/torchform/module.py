@@ -1,0 +1,276 @@
+"""An ONNX graph as a torch.nn.Module that computes the same function, differentiably.
+
+Every prunable weight and every tunable float tensor (biases, normalisation scale and
+shift) is an ``nn.Parameter`` that knows its ONNX tensor (:class:`TensorSource`), so the
+learner's results write back exactly. Other constants are buffers. Nodes run in the
+graph's (topological) order, each through the operator registry; values are dropped after
+their last use to keep memory close to the native module's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from ..discovery import ConstantSource, GraphIndex, PrunableWeight, locate_tensor
+from ..errors import UnsupportedModelError
+from . import ops  # noqa: F401  (registers the operators)
+from .registry import NodeContext, OpFn, decode_attribute, resolve
+
+# Half-precision values are computed in float32: the learner needs float32 gradients.
+_COMPUTE_DTYPE = {
+    onnx.TensorProto.FLOAT16: torch.float32,
+    onnx.TensorProto.BFLOAT16: torch.float32,
+}
+
+# Which inputs of which ops are tunable besides the prunable weights, and their role.
+_TUNABLE_INPUTS = {
+    "Conv": {2: "bias"}, "ConvTranspose": {2: "bias"}, "Gemm": {2: "bias"},
+    "BatchNormalization": {1: "norm", 2: "norm"}, "LayerNormalization": {1: "norm", 2: "norm"},
+    "InstanceNormalization": {1: "norm", 2: "norm"}, "GroupNormalization": {1: "norm", 2: "norm"},
+}
+
+
+def torch_dtype(elem_type: int) -> torch.dtype:
+    """The torch dtype that computes an ONNX element type (fp16/bf16 -> float32)."""
+    if elem_type in _COMPUTE_DTYPE:
+        return _COMPUTE_DTYPE[elem_type]
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+    return torch.from_numpy(np.zeros(0, dtype=np_dtype)).dtype
+
+
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    """numpy -> torch, half types upcast to float32 (bf16 arrays come from ml_dtypes)."""
+    if array.dtype == np.float16 or array.dtype.name == "bfloat16":
+        array = array.astype(np.float32)
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """The ONNX tensor a parameter came from, for exact write-back."""
+
+    name: str
+    storage: str  # "initializer" | "constant"
+    index: int
+    dtype: str  # numpy dtype name of the stored tensor
+    role: str  # "weight" (prunable), "bias" or "norm"
+
+
+def unsupported_operators(model: onnx.ModelProto) -> list[tuple[str, str, int, int]]:
+    """(domain, op_type, opset, count) of every node no registered implementation covers."""
+    opsets = {op.domain or "": op.version for op in model.opset_import}
+    opsets[""] = opsets.get("", opsets.get("ai.onnx", 1))
+    missing: Counter = Counter()
+    for node in model.graph.node:
+        domain = node.domain if node.domain not in ("ai.onnx",) else ""
+        version = opsets.get(domain, 1)
+        if resolve(domain, node.op_type, version) is None:
+            missing[(domain or "ai.onnx", node.op_type, version)] += 1
+    return [(d, op, v, n) for (d, op, v), n in sorted(missing.items())]
+
+
+def refuse_unsupported(model: onnx.ModelProto) -> None:
+    missing = unsupported_operators(model)
+    if missing:
+        listing = ", ".join(f"{op} ({d} opset {v}) x{n}" for d, op, v, n in missing)
+        raise UnsupportedModelError(
+            f"the trainable form does not support {len(missing)} operator(s): {listing}; "
+            "use a data-free method (--method global/lamp/erk/uniform) or re-export without them"
+        )
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    (attr,) = node.attribute
+    value = decode_attribute(attr)
+    if attr.name == "value":
+        return value
+    if attr.name in ("value_float", "value_floats"):
+        return np.array(value, dtype=np.float32)
+    if attr.name in ("value_int", "value_ints"):
+        return np.array(value, dtype=np.int64)
+    if attr.name == "sparse_value":
+        return onnx.numpy_helper.to_array(onnx.numpy_helper.to_array(attr.sparse_tensor))
+    raise UnsupportedModelError(f"Constant node {node.name!r} with attribute {attr.name} is not supported")
+
+
+@dataclass
+class _Step:
+    fn: OpFn
+    ctx: NodeContext
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    release: tuple[str, ...]  # values whose last use is this step
+
+
+class OnnxModule(nn.Module):
+    """The trainable form of an ONNX model.
+
+    Args:
+        model: the ONNX model, tensor data loaded.
+        prunable: the weights discovery found; each becomes a parameter with role "weight".
+        tune: extra roles to make parameters ("bias", "norm"); the rest are buffers.
+    """
+
+    def __init__(self, model: onnx.ModelProto, prunable: Sequence[PrunableWeight] = (),
+                 tune: Sequence[str] = ("bias", "norm")):
+        super().__init__()
+        refuse_unsupported(model)
+        graph = model.graph
+        opsets = {op.domain or "": op.version for op in model.opset_import}
+        self.opset = opsets.get("", opsets.get("ai.onnx", 1))
+        index = GraphIndex(graph)
+        self.input_names = [i.name for i in graph.input if i.name not in index.initializers]
+        self.output_names = [o.name for o in graph.output]
+        self.sources: dict[str, TensorSource] = {}  # parameter key -> ONNX tensor
+        self.prunable_keys: list[str] = []
+        self.weight_transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._params = nn.ParameterDict()
+        self._const_keys: dict[str, str] = {}  # value name -> parameter or buffer key
+        by_source: dict[ConstantSource, str] = {}
+
+        def add_parameter(source: ConstantSource, role: str) -> str:
+            if source in by_source:
+                return by_source[source]
+            key = f"p{len(self._params)}"
+            tensor = source.tensor(model)
+            array = onnx.numpy_helper.to_array(tensor)
+            self._params[key] = nn.Parameter(to_torch(array).float())
+            self.sources[key] = TensorSource(source.name, source.storage, source.index, array.dtype.name, role)
+            by_source[source] = key
+            return key
+
+        for w in prunable:
+            key = add_parameter(ConstantSource(w.storage, w.index, w.name), "weight")
+            self.prunable_keys.append(key)
+        for node in graph.node:
+            for i, role in _TUNABLE_INPUTS.get(node.op_type, {}).items():
+                if role in tune and i < len(node.input) and node.input[i]:
+                    source, _ = index.resolve(node.input[i])
+                    if source is not None and source.tensor(model).data_type in (
+                            onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+                        add_parameter(source, role)
+        if "bias" in tune:
+            self._add_matmul_biases(model, index, add_parameter)
+
+        # Every constant value name (initializers, Constant outputs) -> a parameter or buffer.
+        param_by_name = {src.name: key for key, src in self.sources.items()}
+        n_buffers = 0
+        for i, init in enumerate(graph.initializer):
+            if init.name in param_by_name:
+                self._const_keys[init.name] = param_by_name[init.name]
+                continue
+            key = f"c{n_buffers}"
+            n_buffers += 1
+            self.register_buffer(key, to_torch(onnx.numpy_helper.to_array(init)), persistent=False)
+            self._const_keys[init.name] = key
+        steps_nodes = []
+        for i, node in enumerate(graph.node):
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                name = node.output[0]
+                if name in param_by_name:
+                    self._const_keys[name] = param_by_name[name]
+                else:
+                    key = f"c{n_buffers}"
+                    n_buffers += 1
+                    self.register_buffer(key, to_torch(_constant_node_value(node)), persistent=False)
+                    self._const_keys[name] = key
+                continue
+            steps_nodes.append(node)
+        self._steps = self._plan(steps_nodes, opsets)
+
+    def _add_matmul_biases(self, model: onnx.ModelProto, index: GraphIndex, add_parameter) -> None:
+        """Add(MatMul(x, W), b) is how exporters write Linear: b is a bias like Conv's."""
+        prunable_names = {src.name for src in self.sources.values() if src.role == "weight"}
+        producer_of = {out: node for node in model.graph.node for out in node.output}
+        for node in model.graph.node:
+            if node.op_type != "Add" or len(node.input) != 2:
+                continue
+            for a, b in ((0, 1), (1, 0)):
+                producer = producer_of.get(node.input[a])
+                if producer is None or producer.op_type not in ("MatMul", "Gemm"):
+                    continue
+                weights = [index.resolve(n)[0] for n in producer.input[:2]]
+                if not any(w is not None and w.name in prunable_names for w in weights):
+                    continue
+                source, _ = index.resolve(node.input[b])
+                if source is not None and source.tensor(model).data_type == onnx.TensorProto.FLOAT \
+                        and len(source.tensor(model).dims) <= 1:
+                    add_parameter(source, "bias")
+
+    def _plan(self, nodes: list[onnx.NodeProto], opsets: dict[str, int]) -> list[_Step]:
+        last_use: dict[str, int] = {}
+        for i, node in enumerate(nodes):
+            for name in node.input:
+                if name:
+                    last_use[name] = i
+        keep = set(self.output_names)
+        steps = []
+        for i, node in enumerate(nodes):
+            domain = "" if node.domain in ("", "ai.onnx") else node.domain
+            fn = resolve(domain, node.op_type, opsets.get(domain, 1))
+            release = tuple(sorted({n for n in node.input if n and last_use[n] == i and n not in keep}))
+            steps.append(_Step(fn, NodeContext.of(node, opsets.get(domain, 1)), tuple(node.input),
+                               tuple(node.output), release))
+        return steps
+
+    # -- parameters ---------------------------------------------------------------------
+
+    def parameter(self, key: str) -> nn.Parameter:
+        return self._params[key]
+
+    def parameters_by_role(self, role: str) -> dict[str, nn.Parameter]:
+        return {k: self._params[k] for k, src in self.sources.items() if src.role == role}
+
+    def _constant(self, key: str) -> torch.Tensor:
+        if key in self._params:
+            value = self._params[key]
+            transform = self.weight_transforms.get(key)
+            return transform(value) if transform is not None else value
+        return getattr(self, key)
+
+    # -- execution -----------------------------------------------------------------------
+
+    def run(self, feeds: Mapping[str, torch.Tensor], *, keep: Sequence[str] | None = None,
+            keep_all: bool = False) -> dict[str, torch.Tensor]:
+        """Execute the graph; returns the outputs (plus ``keep`` names, or every value)."""
+        env: dict[str, torch.Tensor | None] = {"": None}
+        for name, key in self._const_keys.items():
+            env[name] = self._constant(key)
+        for name in self.input_names:
+            if name not in feeds:
+                raise KeyError(f"missing input {name!r}")
+            value = feeds[name]
+            env[name] = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+        wanted = set(keep or ())
+        for step in self._steps:
+            args = [env[n] if n else None for n in step.inputs]
+            # Trailing absent optional inputs are dropped so implementations see their defaults.
+            while args and args[-1] is None:
+                args.pop()
+            result = step.fn(step.ctx, *args)
+            if not isinstance(result, (tuple, list)):
+                result = (result,)
+            for name, value in zip(step.outputs, result):
+                if name:
+                    env[name] = value
+            if not keep_all:
+                for name in step.release:
+                    if name not in wanted:
+                        env.pop(name, None)
+        env.pop("", None)
+        if keep_all:
+            return env
+        return {n: env[n] for n in (*self.output_names, *wanted) if n in env}
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feeds = dict(zip(self.input_names, args))
+        feeds.update(kwargs)
+        outputs = self.run(feeds)
+        return tuple(outputs[n] for n in self.output_names)

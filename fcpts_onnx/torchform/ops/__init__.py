@@ -1,0 +1,3 @@
+"""Operator implementations, one family per module; importing registers them."""
+
+from . import elementwise, linalg, nn, reduce, shape  # noqa: F401
