@@ -89,13 +89,22 @@ class CalibrationSet:
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
+            arrays = {key: data[key] for key in data.files}
+        for key, value in arrays.items():
+            if not isinstance(value, np.ndarray):  # numpy hands back raw bytes for a member that is not .npy
+                raise CalibrationError(
+                    f"{path}: entry {key!r} is not a numpy array; save the file with numpy.savez"
+                )
+        return arrays
     except ValueError as exc:
-        if "pickle" in str(exc).lower():
+        # numpy says "Object arrays cannot be loaded" for a real object array; a file that is
+        # not .npy/.npz at all gets "contains pickled (object) data" and is corrupt, not pickled.
+        if "object arrays" in str(exc).lower():
             raise CalibrationError(
                 f"{path}: holds object arrays (pickled data), which are refused; save plain numeric arrays"
             ) from None
-        raise CalibrationError(f"{path}: not a readable .npz file ({exc}); save it with numpy.savez") from None
+        reason = "not numpy data" if "pickle" in str(exc).lower() else exc  # numpy would suggest unpickling
+        raise CalibrationError(f"{path}: not a readable .npz file ({reason}); save it with numpy.savez") from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise CalibrationError(f"{path}: not a readable .npz file ({exc}); save it with numpy.savez") from None
 
@@ -104,11 +113,14 @@ def _read_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as exc:
-        if "pickle" in str(exc).lower():
+        # numpy says "Object arrays cannot be loaded" for a real object array; a file that is
+        # not .npy/.npz at all gets "contains pickled (object) data" and is corrupt, not pickled.
+        if "object arrays" in str(exc).lower():
             raise CalibrationError(
                 f"{path}: holds an object array (pickled data), which is refused; save a plain numeric array"
             ) from None
-        raise CalibrationError(f"{path}: not a readable .npy file ({exc}); save it with numpy.save") from None
+        reason = "not numpy data" if "pickle" in str(exc).lower() else exc  # numpy would suggest unpickling
+        raise CalibrationError(f"{path}: not a readable .npy file ({reason}); save it with numpy.save") from None
     except (OSError, EOFError) as exc:
         raise CalibrationError(f"{path}: not a readable .npy file ({exc}); save it with numpy.save") from None
 
@@ -206,7 +218,7 @@ def validate(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str)
         raise CalibrationError(
             f"{source}: no data for input {', '.join(map(repr, missing))} (model inputs: {listing}); add it"
         )
-    counts = set()
+    counts: dict[str, int] = {}
     for name, array in arrays.items():
         spec = expected[name]
         if array.dtype == object:
@@ -242,10 +254,11 @@ def validate(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str)
                 raise CalibrationError(
                     f"{source}: input {name!r} has {bad} NaN or infinite values; clean the data first"
                 )
-        counts.add(array.shape[0])
-    if len(counts) > 1:
+        counts[name] = array.shape[0]
+    if len(set(counts.values())) > 1:
+        per_input = ", ".join(f"{k!r}: {v}" for k, v in sorted(counts.items()))
         raise CalibrationError(
-            f"{source}: inputs have different sample counts {sorted(counts)}; give every input the same number"
+            f"{source}: inputs have different sample counts ({per_input}); give every input the same number"
         )
 
 

@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                      help="as in optimize: show these weights as skipped")
     ins.add_argument("--op-types", type=_op_types, metavar="OPS", help="as in optimize")
+    ins.add_argument("--parity", action="store_true",
+                     help="build the trainable form and compare it with onnxruntime (exit 1 if it differs)")
+    ins.add_argument("--calib", metavar="PATH", help="with --parity: data to compare on (default generated)")
+    ins.add_argument("--device", default="cpu", help="with --parity: cpu or cuda (default cpu)")
     ins.add_argument("--shape", type=_shape, action="append", default=[], metavar="NAME=DIMS",
                      help="pin a dynamic input's shape to count MACs, e.g. x=1,3,224,224")
     return parser
@@ -110,6 +114,14 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if args.parity:
+        from .inspection import format_parity, inspect_parity
+
+        info = inspect_parity(args.model, args.calib, device=args.device, input_shapes=dict(args.shape) or None)
+        print(json.dumps(info, indent=2) if args.json else format_parity(info))
+        return 0 if info["parity"]["passed"] else 1
+    if args.calib:
+        raise OptionError("--calib is used by inspect only with --parity")
     info = inspect_model(args.model, nodes_to_exclude=tuple(args.exclude), op_types=args.op_types,
                          input_shapes=dict(args.shape) or None)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))

@@ -108,3 +108,47 @@ def format_inspection(info: dict[str, Any]) -> str:
         lines.append("sparsified by fcpts-onnx: " + ", ".join(f"{k[11:]}={v}" for k, v in fcpts_meta.items()))
     return "\n".join(lines)
 
+
+
+def inspect_parity(model_path: str | Path, calibration_data: Any = None, *, device: str = "cpu",
+                   input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
+    """Build the trainable form and compare it with onnxruntime on a calibration batch."""
+    from .calibration import load_calibration
+    from .trainable import convert_and_check, parameter_table
+
+    loaded = load_model(model_path)
+    found = discover(loaded.model, external=loaded.external_tensors)
+    if calibration_data is None:
+        calibration = generate(graph_inputs(loaded.model), shapes=input_shapes)
+    else:
+        calibration = load_calibration(calibration_data, loaded.model)
+    trainable = convert_and_check(loaded, found, calibration, device=device)
+    params = parameter_table(trainable.module)
+    return {
+        "path": str(loaded.path),
+        "parity": trainable.parity.to_dict(),
+        "calibration": {"source": calibration.source, "generated": calibration.generated},
+        "trainable_parameters": params,
+        "trainable_params_by_role": {
+            role: sum(p["params"] for p in params if p["role"] == role) for role in ("weight", "bias", "norm")
+        },
+    }
+
+
+def format_parity(info: dict[str, Any]) -> str:
+    parity = info["parity"]
+    lines = [f"{info['path']}: parity of the trainable form with onnxruntime on {parity['n_samples']} "
+             f"{'generated' if info['calibration']['generated'] else 'calibration'} samples ({parity['device']})"]
+    rows = [{"name": _short(o["name"]), "dtype": o["dtype"], "rel": f"{o['relative_diff']:.2e}",
+             "tol": f"{o['tolerance']:g}", "ok": "pass" if o["passed"] else "FAIL"} for o in parity["outputs"]]
+    lines.append(format_layer_table(rows, [("output", "name", "<"), ("dtype", "dtype", "<"),
+                                           ("max|diff|/max|ref|", "rel", ">"), ("tolerance", "tol", ">"),
+                                           ("result", "ok", "<")]))
+    if parity["first_divergence"]:
+        d = parity["first_divergence"]
+        lines.append(f"first divergent node: {d['node']!r} ({d['op_type']}) output {d['output']!r}, "
+                     f"relative diff {d['relative_diff']:.2e}")
+    by_role = info["trainable_params_by_role"]
+    lines.append(f"trainable parameters: {len(info['trainable_parameters'])} tensors; "
+                 f"{by_role['weight']} prunable weights, {by_role['bias']} bias, {by_role['norm']} normalisation")
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""Parity: does the trainable form compute what onnxruntime computes?
+
+Checked on a calibration batch before anything is learned. Per float output the measure is
+max |ours - ort| / max |ort|; integer and bool outputs must be equal. On failure the first
+node whose output diverges is found by exposing every intermediate value in onnxruntime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import torch
+
+from ..errors import UnsupportedModelError
+from .module import OnnxModule
+
+# Relative tolerance by the reference output's dtype. Half-precision graphs are computed by
+# onnxruntime in half precision and by us in float32, so they can only agree to their epsilon.
+TOLERANCE = {"float32": 1e-4, "float64": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+
+
+@dataclass
+class OutputParity:
+    name: str
+    dtype: str
+    max_abs_diff: float
+    max_abs_reference: float
+    relative_diff: float
+    tolerance: float
+    passed: bool
+
+
+@dataclass
+class ParityResult:
+    """Parity of every output, and where it first broke if it did."""
+
+    outputs: list[OutputParity]
+    n_samples: int
+    device: str
+    first_divergence: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"passed": self.passed}
+
+    def summary(self) -> str:
+        worst = max(self.outputs, key=lambda o: o.relative_diff / o.tolerance)
+        return (f"max |diff| / max |ref| = {worst.relative_diff:.2e} on output {worst.name!r} "
+                f"(tolerance {worst.tolerance:g})")
+
+
+def _compare(name: str, ours: np.ndarray, ref: np.ndarray) -> OutputParity:
+    dtype = ref.dtype.name
+    tolerance = TOLERANCE.get(dtype, 0.0)
+    if ours.shape != ref.shape:
+        return OutputParity(name, dtype, float("inf"), 0.0, float("inf"), tolerance, False)
+    if not np.issubdtype(ref.dtype, np.floating) and dtype != "bfloat16":
+        equal = bool(np.array_equal(ours, ref))
+        return OutputParity(name, dtype, 0.0 if equal else float("inf"), 0.0, 0.0 if equal else float("inf"),
+                            0.0, equal)
+    ref64, ours64 = ref.astype(np.float64), ours.astype(np.float64)
+    both_nan = np.isnan(ref64) & np.isnan(ours64)
+    diff = np.where(both_nan, 0.0, np.abs(ours64 - ref64))
+    max_diff = float(np.max(diff)) if diff.size else 0.0
+    finite_ref = ref64[np.isfinite(ref64)]
+    scale = float(np.max(np.abs(finite_ref))) if finite_ref.size else 0.0
+    relative = max_diff / scale if scale > 0 else max_diff
+    if np.isnan(relative):
+        relative = float("inf")
+    return OutputParity(name, dtype, max_diff, scale, relative, tolerance, relative <= tolerance)
+
+
+def _ort_run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return dict(zip(names, session.run(names, dict(feeds))))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(f"onnxruntime cannot run the model for the parity check: {first}") from None
+
+
+def _to_numpy(value: torch.Tensor, like: np.ndarray) -> np.ndarray:
+    array = value.detach().cpu().numpy()
+    return array.astype(like.dtype) if like.dtype != array.dtype and like.dtype.name != "bfloat16" else array
+
+
+def check_parity(model: onnx.ModelProto, module: OnnxModule, feeds: Mapping[str, np.ndarray], *,
+                 device: str | torch.device = "cpu", locate: bool = True) -> ParityResult:
+    """Compare ``module`` with onnxruntime on ``feeds``; find the first divergent node on failure."""
+    names = list(module.output_names)
+    reference = _ort_run(model, feeds, names)
+    torch_feeds = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in feeds.items()}
+    with torch.no_grad():
+        ours = module.run(torch_feeds)
+    outputs = [_compare(n, _to_numpy(ours[n], reference[n]), reference[n]) for n in names]
+    n_samples = next(iter(feeds.values())).shape[0] if feeds else 0
+    result = ParityResult(outputs, n_samples, str(device))
+    if not result.passed and locate:
+        result.first_divergence = first_divergent_node(model, module, feeds, device=device)
+    return result
+
+
+def first_divergent_node(model: onnx.ModelProto, module: OnnxModule, feeds: Mapping[str, np.ndarray], *,
+                         device: str | torch.device = "cpu") -> dict | None:
+    """The first node (in graph order) whose output differs beyond tolerance, with the numbers."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    candidates = []
+    for node in probe.graph.node:
+        if node.op_type == "Constant":
+            continue
+        for out in node.output:
+            if out:
+                candidates.append((node, out))
+                if out not in existing:
+                    probe.graph.output.append(onnx.ValueInfoProto(name=out))
+    names = [out for _, out in candidates]
+    reference = _ort_run(probe, feeds, names)
+    torch_feeds = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in feeds.items()}
+    with torch.no_grad():
+        env = module.run(torch_feeds, keep_all=True)
+    for node, out in candidates:
+        if out not in env or not isinstance(env[out], torch.Tensor):
+            continue
+        ref = reference[out]
+        if not isinstance(ref, np.ndarray):
+            continue
+        comparison = _compare(out, _to_numpy(env[out], ref), ref)
+        if not comparison.passed:
+            return {"node": node.name, "op_type": node.op_type, "output": out,
+                    "relative_diff": comparison.relative_diff, "tolerance": comparison.tolerance,
+                    "shape_ours": list(env[out].shape), "shape_reference": list(ref.shape)}
+    return None

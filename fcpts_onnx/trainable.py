@@ -1,0 +1,83 @@
+"""Building the trainable form of a loaded model and proving it exact before use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .calibration import CalibrationSet
+from .discovery import Discovery
+from .errors import OptionError, UnsupportedModelError
+from .onnx_io import LoadedModel
+
+PARITY_SAMPLES = 8  # a batch is enough to catch a wrong op; the whole set would cost time
+
+
+@dataclass
+class Trainable:
+    """The module, the device it lives on, and the parity check that cleared it."""
+
+    module: object  # torchform.OnnxModule (typed loosely so torch stays an optional import)
+    device: str
+    parity: object  # torchform.parity.ParityResult
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise OptionError(f"--device {device!r} is not understood; use cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise OptionError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def convert_and_check(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, *,
+                      device: str = "cpu", parity_samples: int = PARITY_SAMPLES) -> Trainable:
+    """Convert, move to ``device``, and check parity on a calibration batch (not raising on failure)."""
+    try:
+        from .torchform import OnnxModule
+        from .torchform.parity import check_parity
+    except ImportError as exc:  # torch missing
+        raise UnsupportedModelError(
+            f"the trainable form needs PyTorch ({exc}); install it with: pip install torch==2.13.0"
+        ) from None
+    device = resolve_device(device)
+    module = OnnxModule(loaded.model, prunable=found.weights).to(device)
+    module.eval()
+    batch = calibration.take(slice(0, parity_samples)).arrays
+    parity = check_parity(loaded.model, module, {k: np.ascontiguousarray(v) for k, v in batch.items()},
+                          device=device)
+    return Trainable(module, device, parity)
+
+
+def build_trainable(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, *,
+                    device: str = "cpu", parity_samples: int = PARITY_SAMPLES) -> Trainable:
+    """The trainable form, refused with the first divergent node unless it matches onnxruntime."""
+    trainable = convert_and_check(loaded, found, calibration, device=device, parity_samples=parity_samples)
+    parity = trainable.parity
+    if not parity.passed:
+        raise UnsupportedModelError(
+            f"the trainable form does not reproduce onnxruntime: {parity.summary()}{divergence_text(parity)}; "
+            "use a data-free method without reconstruction, and report the model"
+        )
+    return trainable
+
+
+def divergence_text(parity) -> str:
+    d = parity.first_divergence
+    if not d:
+        return ""
+    return (f"; first divergent node {d['node']!r} ({d['op_type']}, output {d['output']!r}, "
+            f"relative diff {d['relative_diff']:.2e})")
+
+
+def parameter_table(module) -> list[dict]:
+    """The trainable parameters and the ONNX tensors they write back to."""
+    rows = []
+    for key, source in module.sources.items():
+        p = module.parameter(key)
+        rows.append({"name": source.name, "role": source.role, "shape": list(p.shape),
+                     "stored_dtype": source.dtype, "storage": source.storage, "params": int(p.numel())})
+    return rows
