@@ -13,17 +13,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import __version__
 from .allocation import AllocationProblem, allocate, get_allocator
-from .calibration import CalibrationSet, generate, graph_inputs, load_calibration
-from .config import SparsifyOptions
+from .allocation.problem import check_feasible
+from .calibration import CalibrationSet, generate, graph_inputs, load_calibration, split_holdout, static_batch
+from .config import LEARNED_METHODS, SparsifyOptions
 from .discovery import Discovery, assign_macs, discover
-from .errors import FcptsError, UnsupportedModelError, VerificationError
+from .errors import FcptsError, OptionError, UnsupportedModelError, VerificationError
+from .learner.options import LearnOptions
 from .masks import magnitude, zero_smallest
-from .onnx_io import LoadedModel, check_output_path, load_model, sha256_of, staged_output
+from .onnx_io import LoadedModel, check_output_path, check_report_path, load_model, sha256_of, staged_output
 from .report import LayerRow, Report
 from .verify import check_model_file, count_zeros_in_file, fidelity, run_onnxruntime
-from .writeback import apply_weights
+from .writeback import apply_updates
 
 
 class _Timer:
@@ -78,7 +82,7 @@ def sparsify(
     calibration_data: Any = None,
     *,
     sparsity: float = 0.8,
-    method: str = "global",
+    method: str | None = None,
     nodes_to_exclude: Sequence[str] = (),
     op_types: Sequence[str] | None = None,
     max_layer_sparsity: float = 0.98,
@@ -86,6 +90,11 @@ def sparsify(
     external_data: bool | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     report_path: str | Path | bool | None = None,
+    reconstruct: bool | None = None,
+    holdout: float = 0.1,
+    device: str = "cpu",
+    learn: LearnOptions | None = None,
+    show_progress: bool = False,
 ) -> Report:
     """Sparsify an ONNX model to an exact global sparsity and write a verified copy.
 
@@ -95,7 +104,8 @@ def sparsify(
         calibration_data: a ``.npz``/``.npy`` path, a dict of arrays, an iterable of feed
             dicts, an onnxruntime ``CalibrationDataReader``, or None to verify on generated inputs.
         sparsity: global target in (0, 1); exactly round(sparsity * N) prunable weights end zero.
-        method: allocation method: "uniform", "global", "erk" or "lamp".
+        method: "fcpts" (learned; the default with calibration data), or a data-free
+            allocator: "uniform", "global" (the default without data), "erk", "lamp".
         nodes_to_exclude: regexes on node or weight names to keep dense.
         op_types: restrict pruning to these op types.
         max_layer_sparsity: upper bound on any layer's sparsity (default 0.98).
@@ -103,6 +113,12 @@ def sparsify(
         external_data: write a separate data file (None: same form as the input).
         input_shapes: full shapes for generated inputs with dynamic dims (only without calibration data).
         report_path: JSON report path; None writes ``<output stem>.report.json``, False writes none.
+        reconstruct: tune surviving weights, biases and norm parameters on the calibration data
+            (None: on for fcpts, off for the data-free allocators).
+        holdout: fraction of calibration samples never learned on (early stopping, fidelity).
+        device: "cpu" or "cuda" for learning.
+        learn: learner options (iterations, time budget, learning rates, lambda, seed, ...).
+        show_progress: draw a progress bar on stderr while learning.
 
     Returns:
         The :class:`~fcpts_onnx.report.Report`, also written as JSON unless report_path is False.
@@ -114,17 +130,28 @@ def sparsify(
         sparsity=sparsity, method=method, nodes_to_exclude=tuple(nodes_to_exclude),
         op_types=tuple(op_types) if op_types is not None else None,
         max_layer_sparsity=max_layer_sparsity, batch_size=batch_size, external_data=external_data,
+        reconstruct=reconstruct, holdout=holdout, device=device, learn=learn or LearnOptions(),
     )
     return run(model_input, model_output, calibration_data, options,
-               input_shapes=input_shapes, report_path=report_path)
+               input_shapes=input_shapes, report_path=report_path, quiet=not show_progress)
 
 
 def run(model_input: str | Path, model_output: str | Path | None, calibration_data: Any,
         options: SparsifyOptions, *, input_shapes: Mapping[str, Sequence[int]] | None = None,
-        report_path: str | Path | bool | None = None) -> Report:
+        report_path: str | Path | bool | None = None, quiet: bool = True) -> Report:
     """The pipeline behind :func:`sparsify` and ``fcpts-onnx optimize``."""
     timer = _Timer()
-    get_allocator(options.method)  # unknown method: fail before reading anything
+    notes: list[str] = []
+    random_calibration = isinstance(calibration_data, str) and calibration_data == "random"
+    method = options.resolved_method(calibration_data is not None)
+    if method not in LEARNED_METHODS:
+        get_allocator(method)  # unknown method: fail before reading anything
+    reconstruct = options.resolved_reconstruct(method)
+    needs_data = method in LEARNED_METHODS or reconstruct
+    if needs_data and calibration_data is None:
+        what = f"--method {method}" if method in LEARNED_METHODS else "--reconstruct"
+        raise OptionError(f"{what} learns from calibration data: pass --calib FILE "
+                          "(or --calib random for a smoke test only)")
     with timer.stage("load"):
         loaded = load_model(model_input)
         input_sha = sha256_of(loaded.path)
@@ -132,56 +159,85 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
     check_output_path(output_path, loaded)
     if report_path is None:
         report_path = default_report_path(output_path)
+    if report_path is not False:
+        check_report_path(Path(report_path), output_path, loaded)
     with timer.stage("discover"):
         found = discover_or_refuse(loaded, options)
     with timer.stage("calibrate"):
-        calibration = _calibration(calibration_data, loaded, input_shapes)
+        if random_calibration:
+            calibration = generate(graph_inputs(loaded.model), n_samples=64, seed=options.learn.seed,
+                                   shapes=input_shapes)
+            notes.append("--calib random: learned from random inputs; these results mean nothing "
+                         "about real data (smoke test only)")
+        else:
+            calibration = _calibration(calibration_data, loaded, input_shapes)
         # Dynamic-shape exports: count MACs at the calibration data's sample shape.
         one_sample = calibration.take(slice(0, 1)).arrays
         assign_macs(loaded.model, found.weights, {k: v.shape for k, v in one_sample.items()}, feed=one_sample)
+    if needs_data:
+        fixed_batch = static_batch(loaded.model)
+        train_idx, holdout_idx = split_holdout(calibration, options.holdout, options.learn.seed,
+                                               multiple=fixed_batch or 1)
+        fidelity_idx = holdout_idx
+    else:
+        fidelity_idx = np.arange(calibration.n_samples)  # nothing learned: every sample is held out
+    fidelity_set = calibration.take(fidelity_idx)
     with timer.stage("dense_reference"):
         try:
-            dense = run_onnxruntime(loaded.path, calibration, options.batch_size, what="input model")
+            dense = run_onnxruntime(loaded.path, fidelity_set, options.batch_size, what="input model")
         except FcptsError as exc:
             if calibration.generated:
                 raise type(exc)(f"{exc}; the inputs were generated from the graph's shapes, "
                                 "give real ones with --calib or sizes with --shape") from None
             raise
 
-    with timer.stage("allocate"):
-        values = {w.name: w.values(loaded.model) for w in found.weights}
-        problem = AllocationProblem(
-            magnitudes=[magnitude(values[w.name]) for w in found.weights],
-            shapes=[w.shape for w in found.weights],
-            target=options.sparsity,
-            max_layer_sparsity=options.max_layer_sparsity,
-        )
-        counts = allocate(options.method, problem)
-        new_values = {w.name: zero_smallest(values[w.name], int(k)) for w, k in zip(found.weights, counts)}
+    values = {w.name: w.values(loaded.model) for w in found.weights}
+    problem = AllocationProblem(
+        magnitudes=[magnitude(values[w.name]) for w in found.weights],
+        shapes=[w.shape for w in found.weights],
+        target=options.sparsity,
+        max_layer_sparsity=options.max_layer_sparsity,
+    )
+    check_feasible(problem)
+    learning = None
+    if needs_data:
+        with timer.stage("learn"):
+            from .learner.stage import learn
+
+            stage = learn(loaded, found, calibration, train_idx, holdout_idx, problem, method, reconstruct,
+                          options.learn, options.device, quiet)
+        counts, updates, learning = stage.counts, stage.updates, stage.report
+    else:
+        with timer.stage("allocate"):
+            counts = allocate(method, problem)
+            updates = [(w, zero_smallest(values[w.name], int(k))) for w, k in zip(found.weights, counts)]
+    del values
     achieved = problem.n_zeros / problem.total
     metadata = {
-        "version": __version__, "method": options.method, "target_sparsity": repr(options.sparsity),
+        "version": __version__, "method": method, "reconstruct": str(reconstruct).lower(),
+        "target_sparsity": repr(options.sparsity),
         "achieved_sparsity": f"{achieved:.8f}", "zeros": f"{problem.n_zeros}/{problem.total}",
     }
     with timer.stage("write_back"):
-        out_model = apply_weights(loaded.model, found.weights, new_values, metadata)
+        out_model = apply_updates(loaded.model, updates, metadata)
+    del updates
     external = options.external_data if options.external_data is not None else loaded.has_external_data
 
-    with staged_output(output_path) as stage:
+    with staged_output(output_path) as stage_out:
         with timer.stage("save"):
-            stage.save(out_model, external_data=external)
+            stage_out.save(out_model, external_data=external)
         del out_model
         with timer.stage("verify"):
-            check_model_file(stage.model_path)
-            written_counts = count_zeros_in_file(stage.model_path, found.weights)
+            check_model_file(stage_out.model_path)
+            written_counts = count_zeros_in_file(stage_out.model_path, found.weights)
             written_zeros = sum(z for z, _ in written_counts.values())
             if written_zeros != problem.n_zeros:
                 raise VerificationError(
                     f"written model has {written_zeros} zero weights, {problem.n_zeros} required; this is a bug"
                 )
-            sparse = run_onnxruntime(stage.model_path, calibration, options.batch_size, what="written model")
+            sparse = run_onnxruntime(stage_out.model_path, fidelity_set, options.batch_size, what="written model")
             agreement = fidelity(dense, sparse)
-        written = stage.commit()
+        written = stage_out.commit()
     output_sha = sha256_of(output_path)
     if sha256_of(loaded.path) != input_sha:  # cannot happen: we never open the input for writing
         raise VerificationError(f"{loaded.path} changed during the run; check what else writes to it")
@@ -195,36 +251,36 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
             storage=w.where, params=size, zeros_before=int(before), zeros=zeros, sparsity=zeros / size,
             macs=w.macs, nonzero_macs=None if w.macs is None else int(round(w.macs * density)),
         ))
-    notes = []
     capped = [row.name for row, cap in zip(layers, problem.caps) if row.zeros == cap and cap < row.params]
     if capped:
         notes.append(f"{len(capped)} layer(s) held at the {options.max_layer_sparsity:.0%} per-layer bound "
                      f"(--max-layer-sparsity): {', '.join(capped[:3])}{' ...' if len(capped) > 3 else ''}")
-    if calibration.generated:
+    if calibration.generated and not random_calibration:
         notes.append("fidelity measured on generated random inputs; give --calib for meaningful numbers")
     report = Report(
         tool_version=__version__,
         input_path=str(loaded.path), input_sha256=input_sha,
         output_path=str(output_path), output_sha256=output_sha, output_files=[str(p) for p in written],
-        method=options.method, options=options.to_dict(), target_sparsity=options.sparsity,
+        method=method, options=options.to_dict() | {"method": method, "reconstruct": reconstruct},
+        target_sparsity=options.sparsity,
         total_params=problem.total, zero_params=written_zeros, required_zeros=problem.n_zeros,
         achieved_sparsity=written_zeros / problem.total,
         layers=layers, skipped=[asdict(s) for s in found.skipped],
         calibration={
             "source": calibration.source, "n_samples": calibration.n_samples, "generated": calibration.generated,
             "inputs": {k: [list(v.shape), str(v.dtype)] for k, v in calibration.arrays.items()},
-            # Data-free methods learn nothing from the samples, so all of them are held out.
-            "held_out_samples": calibration.n_samples,
+            "learned_on": 0 if learning is None else learning["train_samples"],
+            "held_out_samples": int(len(fidelity_idx)),
         },
         fidelity=[f.to_dict() for f in agreement],
         verification={
-            "onnx_checker": "passed", "onnxruntime": "loaded and ran on every calibration sample",
+            "onnx_checker": "passed", "onnxruntime": "loaded and ran on every held-out sample",
             "zeros_counted_in_file": written_zeros, "input_unchanged": True,
         },
         timings_s=timer.seconds,
         notes=notes,
+        learning=learning,
     )
     if report_path is not False:
         report.write_json(report_path)
     return report
-

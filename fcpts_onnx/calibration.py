@@ -301,3 +301,32 @@ def load_calibration(source: Any, model: onnx.ModelProto) -> CalibrationSet:
         raise CalibrationError(f"{name}: holds no arrays; give one array per model input")
     validate(arrays, specs, name)
     return CalibrationSet(arrays, name)
+
+
+HOLDOUT_MIN = 4
+
+
+def split_holdout(calibration: CalibrationSet, fraction: float, seed: int,
+                  multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Sample indices (train, holdout): a seeded random ``fraction`` held out, at least HOLDOUT_MIN.
+
+    The held-out samples are never learned on; they choose the snapshot and measure fidelity.
+    ``multiple``: a graph with a fixed batch size B needs both parts in multiples of B.
+    """
+    n = calibration.n_samples
+    n_holdout = max(int(round(fraction * n)), min(HOLDOUT_MIN, n // 2))
+    n_holdout = -(-n_holdout // multiple) * multiple
+    if n < 2 * multiple or n_holdout < 1 or n - n_holdout < multiple:
+        raise CalibrationError(
+            f"{calibration.source}: {n} calibration sample(s) cannot be split into learning and held-out "
+            f"parts{f' in multiples of the fixed batch {multiple}' if multiple > 1 else ''}; "
+            "give more (a few hundred is typical)"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
+
+
+def static_batch(model: onnx.ModelProto) -> int | None:
+    """The graph's fixed batch size, when its inputs declare one."""
+    sizes = {s.static_batch for s in graph_inputs(model) if s.static_batch}
+    return max(sizes) if sizes else None

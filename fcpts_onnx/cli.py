@@ -13,6 +13,7 @@ from .api import run
 from .config import SparsifyOptions
 from .errors import FcptsError, OptionError
 from .inspection import format_inspection, inspect_model
+from .learner.options import DEFAULT_ITERS, LOSS_KINDS, LearnOptions
 
 
 def _op_types(text: str) -> tuple[str, ...]:
@@ -54,15 +55,39 @@ def build_parser() -> argparse.ArgumentParser:
                      help=".npz (keys = input names, first axis = sample) or .npy (single input); "
                           "without it, verification runs on generated inputs")
     opt.add_argument("-o", "--output", metavar="PATH", help="output model (default MODEL.sparse.onnx)")
-    opt.add_argument("--method", default="global", choices=sorted(ALLOCATORS),
-                     help="allocation method (default global)")
+    opt.add_argument("--method", default=None, choices=["fcpts", *sorted(ALLOCATORS)],
+                     help="fcpts (learned; default when --calib is given) or a data-free allocator "
+                          "(default global without --calib)")
+    opt.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                     help="tune surviving weights, biases and norm parameters on the calibration data "
+                          "(default: on for fcpts, off for data-free methods)")
     opt.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                      help="keep weights whose name or node name matches REGEX dense (repeatable)")
     opt.add_argument("--op-types", type=_op_types, metavar="OPS",
                      help="comma list of op types to prune (default Conv,ConvTranspose,Gemm,MatMul)")
     opt.add_argument("--max-layer-sparsity", type=float, default=0.98, metavar="F",
                      help="no layer pruned beyond this fraction (default 0.98)")
-    opt.add_argument("--batch-size", type=int, default=64, help="samples per onnxruntime run (default 64)")
+    learn = opt.add_argument_group("learning (fcpts and --reconstruct)")
+    learn.add_argument("--iters", type=int, help=f"optimisation steps (default {DEFAULT_ITERS}, or sized by "
+                                                  "--time-budget)")
+    learn.add_argument("--time-budget", type=float, metavar="SECONDS",
+                       help="size the run to take about this long, from a measured step time")
+    learn.add_argument("--batch-size", type=int, default=LearnOptions.batch_size,
+                       help=f"calibration samples per step (default {LearnOptions.batch_size})")
+    learn.add_argument("--lr", type=float, default=LearnOptions.lr,
+                       help=f"learning rate of weights, biases, norms (default {LearnOptions.lr:g})")
+    learn.add_argument("--threshold-lr", type=float, default=LearnOptions.threshold_lr,
+                       help=f"learning rate of the log-thresholds (default {LearnOptions.threshold_lr:g})")
+    learn.add_argument("--lambda", dest="lambda_", type=float, default=LearnOptions.lambda_,
+                       help=f"weight of the global sparsity constraint (default {LearnOptions.lambda_:g})")
+    learn.add_argument("--temperature", type=float, default=LearnOptions.temperature,
+                       help=f"distillation temperature on logits (default {LearnOptions.temperature:g})")
+    learn.add_argument("--loss", choices=LOSS_KINDS, default="auto",
+                       help="reconstruction loss: auto (KL on logits, NMSE otherwise), kl or nmse")
+    learn.add_argument("--holdout", type=float, default=0.1,
+                       help="fraction of calibration samples never learned on (default 0.1)")
+    learn.add_argument("--seed", type=int, default=0, help="seed of batch order and subsamples (default 0)")
+    learn.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     opt.add_argument("--shape", type=_shape, action="append", default=[], metavar="NAME=DIMS",
                      help="full shape of a generated input with dynamic dims, e.g. input=8,3,224,224")
     ext = opt.add_mutually_exclusive_group()
@@ -96,14 +121,20 @@ def _optimize(args: argparse.Namespace) -> int:
     shapes = dict(args.shape)
     if shapes and args.calib:
         raise OptionError("--shape sizes generated inputs; with --calib the data gives the shapes, drop --shape")
+    learn = LearnOptions(
+        iters=args.iters, batch_size=args.batch_size, lr=args.lr, threshold_lr=args.threshold_lr,
+        lambda_=args.lambda_, temperature=args.temperature, seed=args.seed, time_budget=args.time_budget,
+        loss=args.loss,
+    )
     options = SparsifyOptions(
         sparsity=args.sparsity, method=args.method, nodes_to_exclude=tuple(args.exclude),
-        op_types=args.op_types, max_layer_sparsity=args.max_layer_sparsity, batch_size=args.batch_size,
-        external_data=args.external_data,
+        op_types=args.op_types, max_layer_sparsity=args.max_layer_sparsity,
+        external_data=args.external_data, reconstruct=args.reconstruct, holdout=args.holdout,
+        device=args.device, learn=learn,
     )
     report_path = False if args.no_report else args.report
     report = run(args.model, args.output, args.calib, options, input_shapes=shapes or None,
-                 report_path=report_path)
+                 report_path=report_path, quiet=args.quiet or args.json)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif not args.quiet:

@@ -6,6 +6,9 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .errors import OptionError
+from .learner.options import LearnOptions
+
+LEARNED_METHODS = ("fcpts",)
 
 
 @dataclass(frozen=True)
@@ -15,7 +18,8 @@ class SparsifyOptions:
     Attributes:
         sparsity: global target S in (0, 1): the fraction of zeros over all prunable
             weights, counting zeros already present. Hit exactly: round(S * N) zeros.
-        method: allocation method, a name from the allocation registry.
+        method: allocation method: a data-free one from the allocation registry, or "fcpts"
+            (learned; needs calibration data). None: fcpts with calibration data, else global.
         nodes_to_exclude: regular expressions; weights whose tensor name or any reading
             node's name matches one (re.search) are left dense.
         op_types: prune only weights of these op types (default: Conv, ConvTranspose, Gemm, MatMul).
@@ -24,16 +28,25 @@ class SparsifyOptions:
         batch_size: samples per onnxruntime run during verification.
         external_data: write tensors to a separate data file; None keeps the input's form
             (and switches to external data past protobuf's 2 GiB limit).
+        reconstruct: tune surviving weights, biases and norm parameters on the calibration
+            data after (or, for fcpts, while) choosing the masks. None: on for fcpts only.
+        holdout: fraction of calibration samples held out from learning, used for early
+            stopping and the fidelity report (at least HOLDOUT_MIN samples).
+        device: where learning runs: "cpu" or "cuda".
+        learn: the learner's options (iterations, learning rates, lambda, ...).
     """
 
     sparsity: float = 0.8
-    method: str = "global"
+    method: str | None = None
     nodes_to_exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] | None = None
     max_layer_sparsity: float = 0.98
     batch_size: int = 64
     external_data: bool | None = None
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
+    reconstruct: bool | None = None
+    holdout: float = 0.1
+    device: str = "cpu"
+    learn: LearnOptions = field(default_factory=LearnOptions)
 
     def __post_init__(self) -> None:
         s = self.sparsity
@@ -51,7 +64,18 @@ class SparsifyOptions:
             ops = (self.op_types,) if isinstance(self.op_types, str) else tuple(self.op_types)
             object.__setattr__(self, "op_types", ops)
 
+        if not isinstance(self.holdout, (int, float)) or not 0 < self.holdout < 1:
+            raise OptionError(f"--holdout must be a fraction in (0, 1) (got {self.holdout!r}); default 0.1")
+
+    def resolved_method(self, has_calibration: bool) -> str:
+        if self.method is not None:
+            return self.method
+        return "fcpts" if has_calibration else "global"
+
+    def resolved_reconstruct(self, method: str) -> bool:
+        if self.reconstruct is not None:
+            return self.reconstruct
+        return method in LEARNED_METHODS
+
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("extra")
-        return d
+        return asdict(self)

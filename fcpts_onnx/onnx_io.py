@@ -163,6 +163,22 @@ def check_output_path(output_path: Path, input_model: LoadedModel) -> None:
         raise OutputError(f"{parent}: output folder is not writable; choose another -o")
 
 
+def check_report_path(report_path: Path, output_path: Path, input_model: LoadedModel) -> None:
+    """Refuse a report path that would overwrite a model file or cannot be written (checked before any work)."""
+    models = {input_model.path.resolve(), output_path.resolve(),
+              (output_path.parent / external_data_name(output_path)).resolve()}
+    models |= {(input_model.path.parent / loc).resolve() for loc in input_model.external_data_files}
+    if report_path.resolve() in models:
+        raise OutputError(f"{report_path}: the report would overwrite a model file; choose another --report path")
+    if report_path.is_dir():
+        raise OutputError(f"{report_path}: is a folder; give a file name such as model.report.json")
+    parent = report_path.parent
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: report folder does not exist; create it or choose another --report")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{parent}: report folder is not writable; choose another --report")
+
+
 @dataclass
 class StagedOutput:
     """A model written into a private folder beside its destination, moved there on commit.

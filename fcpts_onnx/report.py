@@ -50,6 +50,7 @@ class Report:
     verification: dict
     timings_s: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    learning: dict | None = None  # the learner's record (fcpts or reconstruction); None for data-free runs
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,6 +7,9 @@ that record what was done.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Protocol
+
 import numpy as np
 import onnx
 
@@ -40,13 +43,41 @@ def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
             model.metadata_props.add(key=full, value=value)
 
 
+class Locator(Protocol):
+    """Anything that finds its TensorProto in a model (PrunableWeight, TensorSource)."""
+
+    name: str
+
+    def tensor(self, model: onnx.ModelProto) -> onnx.TensorProto: ...
+
+
+def cast_keeping_nonzeros(values: np.ndarray, dtype: np.dtype, keep: np.ndarray | None = None) -> np.ndarray:
+    """Cast to the stored dtype; kept weights that would round to zero become the smallest
+    subnormal of their sign, so the zero count stays exactly what was allocated."""
+    dtype = np.dtype(dtype)
+    out = values.astype(dtype)
+    if keep is not None:
+        underflow = keep & (out == 0)
+        if underflow.any():
+            # bit pattern 1 is the smallest positive subnormal of every IEEE-style float (bf16 too)
+            uint = {2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.itemsize]
+            tiny = np.array([1], dtype=uint).view(dtype)[0]
+            out[underflow] = np.where(values[underflow] < 0, -tiny, tiny).astype(dtype)
+    return out
+
+
+def apply_updates(model: onnx.ModelProto, updates: Iterable[tuple[Locator, np.ndarray]],
+                  metadata: dict[str, str]) -> onnx.ModelProto:
+    """A copy of ``model`` with the located tensors' values replaced; ``model`` is not touched."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for locator, values in updates:
+        set_tensor_values(locator.tensor(out), values)
+    set_metadata(out, metadata)
+    return out
+
+
 def apply_weights(model: onnx.ModelProto, weights: list[PrunableWeight],
                   new_values: dict[str, np.ndarray], metadata: dict[str, str]) -> onnx.ModelProto:
     """A copy of ``model`` with the given weights' values replaced; ``model`` is not touched."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for weight in weights:
-        if weight.name in new_values:
-            set_tensor_values(weight.tensor(out), new_values[weight.name])
-    set_metadata(out, metadata)
-    return out
+    return apply_updates(model, [(w, new_values[w.name]) for w in weights if w.name in new_values], metadata)

@@ -62,6 +62,9 @@ class TensorSource:
     dtype: str  # numpy dtype name of the stored tensor
     role: str  # "weight" (prunable), "bias" or "norm"
 
+    def tensor(self, model: onnx.ModelProto) -> onnx.TensorProto:
+        return locate_tensor(model, self.storage, self.index)
+
 
 def unsupported_operators(model: onnx.ModelProto) -> list[tuple[str, str, int, int]]:
     """(domain, op_type, opset, count) of every node no registered implementation covers."""
@@ -164,7 +167,7 @@ class OnnxModule(nn.Module):
         # Every constant value name (initializers, Constant outputs) -> a parameter or buffer.
         param_by_name = {src.name: key for key, src in self.sources.items()}
         n_buffers = 0
-        for i, init in enumerate(graph.initializer):
+        for init in graph.initializer:
             if init.name in param_by_name:
                 self._const_keys[init.name] = param_by_name[init.name]
                 continue
@@ -173,7 +176,7 @@ class OnnxModule(nn.Module):
             self.register_buffer(key, to_torch(onnx.numpy_helper.to_array(init)), persistent=False)
             self._const_keys[init.name] = key
         steps_nodes = []
-        for i, node in enumerate(graph.node):
+        for node in graph.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 name = node.output[0]
                 if name in param_by_name:

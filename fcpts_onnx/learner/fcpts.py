@@ -1,0 +1,431 @@
+"""The learning loop: thresholds (FCPTS allocation) and/or surviving weights (reconstruction).
+
+One loop serves three uses:
+- fcpts with reconstruction: thresholds and weights, biases, norm parameters learned jointly;
+- fcpts without reconstruction: thresholds only, on the original weights;
+- reconstruction under fixed masks (after any data-free allocator): weights only, the
+  same loss without the constraint term.
+
+Lifecycle: ``Learner(...)`` -> ``fit()`` -> ``result()``. The held-out split is never
+learned on: it only picks the best snapshot (early stopping), as METHOD.md asks — judge by
+held-out fidelity, never by training loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..allocation.problem import AllocationProblem, smallest_scores
+from ..discovery import PrunableWeight
+from .bridge import kde_index, layer_sparsity, silverman_bandwidth
+from .loss import distillation_loss, output_loss_kinds
+from .options import DEFAULT_ITERS, LearnOptions
+
+
+@dataclass
+class _Layer:
+    """Per prunable layer: its parameter, threshold and bounds."""
+
+    key: str
+    weight: torch.nn.Parameter
+    out_axis: int
+    scale: float
+    theta: torch.nn.Parameter
+    kde_index: torch.Tensor | None
+    cap: int
+    tau: torch.Tensor | None = None
+    upper: torch.Tensor | None = None
+
+    def threshold(self) -> torch.Tensor:
+        return self.scale * torch.exp(self.theta)
+
+    def magnitudes(self) -> torch.Tensor:
+        return self.weight.detach().abs().reshape(-1)
+
+    def kde_sample(self) -> torch.Tensor:
+        mags = self.magnitudes()
+        return mags if self.kde_index is None else mags[self.kde_index.to(mags.device)]
+
+    def channel_protect(self) -> torch.Tensor:
+        """True at each output channel's largest |w|: kept so no channel is cut off."""
+        mags = self.weight.detach().abs()
+        moved = mags.movedim(self.out_axis, 0).reshape(mags.shape[self.out_axis], -1)
+        arg = moved.argmax(dim=1)
+        protect = torch.zeros_like(moved, dtype=torch.bool)
+        protect[torch.arange(moved.shape[0], device=moved.device), arg] = True
+        shape = list(mags.movedim(self.out_axis, 0).shape)
+        return protect.reshape(shape).movedim(0, self.out_axis).reshape(-1)
+
+    def refresh(self) -> None:
+        """Recompute the temperature (KDE bandwidth) and the threshold's upper bound."""
+        sample = self.kde_sample()
+        self.tau = silverman_bandwidth(sample).detach()
+        mags = self.magnitudes()
+        bound = torch.kthvalue(mags, max(self.cap, 1)).values if self.cap > 0 else mags.min() * 0
+        moved = self.weight.detach().abs().movedim(self.out_axis, 0).reshape(self.weight.shape[self.out_axis], -1)
+        bound = torch.minimum(bound, moved.max(dim=1).values.min())
+        self.upper = bound * (1 - 1e-6)
+
+    def clamp_theta(self) -> None:
+        with torch.no_grad():
+            if self.upper is not None and float(self.upper) > 0:
+                self.theta.clamp_(max=math.log(float(self.upper) / self.scale))
+            self.theta.clamp_(min=math.log(1e-12 / self.scale + 1e-30))
+
+
+def output_axis(weight: PrunableWeight, attrs_of: Callable[[int], dict]) -> int:
+    """The axis of a weight that indexes output channels/features."""
+    c = weight.consumers[0]
+    if c.op_type == "Conv":
+        return 0
+    if c.op_type == "ConvTranspose":
+        return 1
+    if c.op_type == "Gemm":
+        attrs = attrs_of(c.node_index)
+        if c.input_index == 1:
+            return 0 if attrs.get("transB", 0) else 1
+        return 1 if attrs.get("transA", 0) else 0
+    return len(weight.shape) - 1 if c.input_index == 1 else len(weight.shape) - 2
+
+
+@dataclass
+class LearnResult:
+    """What the learner produced and how it got there."""
+
+    counts: np.ndarray  # exact zeros per layer after projection
+    masks: dict[str, torch.Tensor]  # parameter key -> bool keep-mask
+    initial_sparsity: list[float]
+    learned_sparsity: list[float]  # before projection (thresholds at the chosen snapshot)
+    steps: int
+    seconds: float
+    step_time_s: float
+    best_step: int
+    train_loss: dict
+    holdout_curve: list[tuple[int, float]] = field(default_factory=list)
+    final_holdout_loss: float | None = None
+    dense_holdout_loss: float = 0.0
+
+
+class Learner:
+    """Joint threshold learning and reconstruction on an OnnxModule.
+
+    Args:
+        module: the trainable form (parameters already on its device).
+        weights: the prunable weights, in the module's ``prunable_keys`` order.
+        problem: sizes, target, per-layer floors and caps (allocation.problem).
+        initial_counts: zeros per layer to start from (ERK for fcpts; the allocator's
+            counts for reconstruction under fixed masks).
+        train, holdout: calibration inputs as tensors on the module's device.
+        options: LearnOptions.
+        attrs_of: node index -> that node's attributes (to find output-channel axes).
+        progress: called as progress(step, total, info_dict) after each step.
+    """
+
+    def __init__(self, module, weights: Sequence[PrunableWeight], problem: AllocationProblem,
+                 initial_counts: np.ndarray, train: Mapping[str, torch.Tensor],
+                 holdout: Mapping[str, torch.Tensor], options: LearnOptions, *,
+                 attrs_of: Callable[[int], dict], progress: Callable | None = None):
+        self.module = module
+        self.problem = problem
+        self.options = options
+        self.train = dict(train)
+        self.holdout = dict(holdout)
+        self.progress = progress
+        self.n_train = next(iter(self.train.values())).shape[0]
+        self.generator = torch.Generator().manual_seed(options.seed)
+        torch.manual_seed(options.seed)
+        self.device = next(iter(module.parameters())).device
+        self.layers: list[_Layer] = []
+        caps = problem.caps.copy()
+        for w, key, k0, cap in zip(weights, module.prunable_keys, initial_counts, caps):
+            param = module.parameter(key)
+            mags = param.detach().abs().reshape(-1)
+            scale = float(mags.mean()) or 1.0
+            sorted_mags = torch.sort(mags).values
+            # threshold between the k0-th and (k0+1)-th smallest magnitude
+            if k0 <= 0:
+                t0 = float(sorted_mags[0]) * 0.5
+            elif k0 >= mags.numel():
+                t0 = float(sorted_mags[-1])
+            else:
+                t0 = 0.5 * float(sorted_mags[k0 - 1] + sorted_mags[k0])
+            t0 = max(t0, 1e-12)
+            theta = torch.nn.Parameter(torch.tensor(math.log(t0 / scale), device=self.device))
+            self.layers.append(_Layer(key, param, output_axis(w, attrs_of), scale, theta,
+                                      kde_index(mags.numel(), self.generator), int(cap)))
+        self.initial_counts = np.asarray(initial_counts, dtype=np.int64)
+        self.initial_sparsity = [int(k) / w.size for k, w in zip(initial_counts, weights)]
+        self.fixed_masks = self._masks_from_counts(self.initial_counts)
+        self.total_steps = 0
+        self.teacher_train = self._teacher(self.train)
+        self.teacher_holdout = self._teacher(self.holdout)
+        self.kinds = output_loss_kinds(self.teacher_train, options.loss)
+        self.total = float(problem.total)
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _teacher(self, data: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Dense outputs, computed once: learning never re-runs the dense model."""
+        self.module.weight_transforms.clear()
+        outputs: dict[str, list[torch.Tensor]] = {}
+        n = next(iter(data.values())).shape[0]
+        for start in range(0, n, self.options.batch_size):
+            batch = {k: v[start:start + self.options.batch_size] for k, v in data.items()}
+            for name, value in self.module.run(batch).items():
+                outputs.setdefault(name, []).append(value.detach())
+        return {k: torch.cat(v) for k, v in outputs.items()}
+
+    def _masks_from_counts(self, counts: np.ndarray, protect: bool = False) -> dict[str, torch.Tensor]:
+        masks = {}
+        for layer, k in zip(self.layers, counts):
+            mags = layer.magnitudes().clone()
+            if protect:
+                mags[layer.channel_protect()] = float("inf")
+            keep = torch.ones_like(mags, dtype=torch.bool)
+            if k > 0:
+                order = torch.argsort(mags, stable=True)
+                keep[order[: int(k)]] = False
+            masks[layer.key] = keep.reshape(layer.weight.shape)
+        return masks
+
+    def _use_fixed(self, masks: Mapping[str, torch.Tensor]) -> None:
+        self.module.weight_transforms.clear()
+        for key, mask in masks.items():
+            self.module.weight_transforms[key] = lambda w, m=mask: w * m
+
+    def _use_learned(self) -> None:
+        self.module.weight_transforms.clear()
+        for layer in self.layers:
+            def transform(w, layer=layer):
+                t = layer.threshold()
+                mags = w.detach().abs()
+                hard = (mags > t).to(w.dtype)
+                soft = torch.sigmoid((mags - t) / layer.tau)
+                # Forward: the hard mask (the network that will be deployed).
+                # Backward: the soft mask's gradient reaches the threshold (straight-through).
+                return w * (hard + soft - soft.detach())
+            self.module.weight_transforms[layer.key] = transform
+
+    def global_sparsity(self) -> torch.Tensor:
+        total = 0.0
+        for layer in self.layers:
+            s = layer_sparsity(layer.threshold(), layer.magnitudes(), layer.kde_sample(), layer.tau)
+            total = total + s * layer.weight.numel()
+        return total / self.total
+
+    def project(self) -> np.ndarray:
+        """Exact counts: one shift of all log-thresholds, ties by magnitude, bounds kept.
+
+        Score of weight u in layer l: log|w_u| - log t_l. Taking the round(S*N) smallest
+        scores globally is the same as shifting every log-threshold by one scalar until the
+        count is exact. Each output channel's largest weight is never a candidate.
+        """
+        scores = []
+        caps = []
+        for layer in self.layers:
+            with torch.no_grad():
+                mags = layer.magnitudes().double()
+                score = torch.log(mags.clamp_min(1e-300)) - math.log(float(layer.threshold()))
+                score[mags == 0] = -math.inf
+                protect = layer.channel_protect()
+                score[protect] = math.inf
+            scores.append(score.cpu().numpy())
+            caps.append(min(layer.cap, int(layer.weight.numel() - int(protect.sum()))))
+        problem = copy.copy(self.problem)
+        problem.caps = np.maximum(np.array(caps, dtype=np.int64), problem.floors)
+        return smallest_scores(scores, problem)
+
+    def _holdout_loss(self, masks: Mapping[str, torch.Tensor]) -> float:
+        self._use_fixed(masks)
+        total, n = 0.0, next(iter(self.holdout.values())).shape[0]
+        with torch.no_grad():
+            for start in range(0, n, self.options.batch_size):
+                batch = {k: v[start:start + self.options.batch_size] for k, v in self.holdout.items()}
+                teacher = {k: v[start:start + self.options.batch_size] for k, v in self.teacher_holdout.items()}
+                out = self.module.run(batch)
+                total += float(distillation_loss(out, teacher, self.kinds, self.options.temperature)) * \
+                    next(iter(batch.values())).shape[0]
+        return total / n
+
+    def _snapshot(self) -> dict:
+        return {"params": {k: p.detach().clone() for k, p in self.module.named_parameters()},
+                "theta": [layer.theta.detach().clone() for layer in self.layers]}
+
+    def _restore(self, snap: dict) -> None:
+        with torch.no_grad():
+            for k, p in self.module.named_parameters():
+                p.copy_(snap["params"][k])
+            for layer, theta in zip(self.layers, snap["theta"]):
+                layer.theta.copy_(theta)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _optimizers(self, learn_thresholds: bool, reconstruct: bool):
+        weight_params = [layer.weight for layer in self.layers]
+        other = [p for k, p in self.module.named_parameters()
+                 if all(p is not w for w in weight_params)]
+        for p in self.module.parameters():
+            p.requires_grad_(reconstruct)
+        groups = []
+        if reconstruct:
+            groups.append({"params": weight_params, "weight_decay": self.options.weight_decay})
+            if other:
+                groups.append({"params": other, "weight_decay": 0.0})
+        opt_w = torch.optim.Adam(groups, lr=self.options.lr) if groups else None
+        opt_t = None
+        if learn_thresholds:
+            opt_t = torch.optim.Adam([layer.theta for layer in self.layers], lr=self.options.threshold_lr)
+        return opt_w, opt_t
+
+    def _run_phase(self, iters: int, *, learn_thresholds: bool, reconstruct: bool,
+                   eval_every: int, phase: str, start_step: int, best: dict) -> int:
+        opts = self.options
+        opt_w, opt_t = self._optimizers(learn_thresholds, reconstruct)
+        optimizers = [o for o in (opt_w, opt_t) if o is not None]
+        warmup = max(1, iters // 20)
+
+        def lr_factor(step: int) -> float:  # warm-up then cosine to 0
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, iters - warmup)))
+
+        base = [[g["lr"] for g in o.param_groups] for o in optimizers]
+        order = torch.randperm(self.n_train, generator=self.generator)
+        cursor = 0
+        for step in range(iters):
+            if cursor + opts.batch_size > self.n_train:
+                order = torch.randperm(self.n_train, generator=self.generator)
+                cursor = 0
+            index = order[cursor:cursor + opts.batch_size].to(self.device)
+            cursor += opts.batch_size
+            for o, lrs in zip(optimizers, base):
+                for g, lr in zip(o.param_groups, lrs):
+                    g["lr"] = lr * lr_factor(step)
+            if learn_thresholds and (step % 10 == 0 or reconstruct):
+                for layer in self.layers:
+                    layer.refresh()
+            if learn_thresholds:
+                self._use_learned()
+            else:
+                self._use_fixed(best["masks"])
+            batch = {k: v[index] for k, v in self.train.items()}
+            teacher = {k: v[index] for k, v in self.teacher_train.items()}
+            rec = distillation_loss(self.module.run(batch), teacher, self.kinds, opts.temperature)
+            loss = rec
+            sparsity = None
+            if learn_thresholds:
+                sparsity = self.global_sparsity()
+                loss = rec + opts.lambda_ * (sparsity - self.problem.target).abs()
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            for o in optimizers:
+                o.step()
+            if learn_thresholds:
+                for layer in self.layers:
+                    layer.clamp_theta()
+            value = float(rec)
+            self._losses.append(value)
+            if (step + 1) % eval_every == 0 or step == iters - 1:
+                self._evaluate(start_step + step + 1, learn_thresholds, best)
+            if self.progress is not None:
+                self.progress(start_step + step + 1, max(self.total_steps, start_step + step + 1), {
+                    "phase": phase, "loss": value,
+                    "sparsity": float(sparsity) if sparsity is not None else self.problem.n_zeros / self.total,
+                    "holdout": best["loss"],
+                })
+        return start_step + iters
+
+    def _evaluate(self, step: int, learned: bool, best: dict) -> None:
+        if learned:
+            for layer in self.layers:
+                layer.refresh()
+            counts = self.project()
+            masks = self._masks_from_counts(counts, protect=True)
+        else:
+            counts, masks = best["counts"], best["masks"]
+        loss = self._holdout_loss(masks)
+        self.holdout_curve.append((step, loss))
+        if loss < best["loss"]:
+            best.update(loss=loss, step=step, counts=counts, masks=masks, snap=self._snapshot(),
+                        learned=[float((layer.magnitudes() <= layer.threshold()).float().mean())
+                                 for layer in self.layers])
+
+    def plan_iters(self) -> int:
+        """Steps to run: --iters, or as many as --time-budget allows at the measured step time."""
+        if self.options.iters is not None:
+            return max(1, self.options.iters)
+        if self.options.time_budget is None:
+            return DEFAULT_ITERS
+        return -1  # decided after timing the first steps
+
+    def fit(self) -> LearnResult:
+        opts = self.options
+        started = time.perf_counter()
+        self._losses: list[float] = []
+        self.holdout_curve: list[tuple[int, float]] = []
+        best = {"loss": math.inf, "step": 0, "counts": self.initial_counts, "masks": self.fixed_masks,
+                "snap": self._snapshot(), "learned": list(self.initial_sparsity)}
+        dense_holdout = self._holdout_loss({layer.key: torch.ones_like(layer.weight, dtype=torch.bool)
+                                            for layer in self.layers})
+        # the starting point competes too: learning must beat it on held-out data to be kept
+        self._evaluate(0, False, best)
+        if opts.learn_thresholds:
+            for layer in self.layers:
+                layer.refresh()
+        iters = self.plan_iters()
+        step = 0
+        learn = opts.learn_thresholds
+        if iters < 0:  # time budget: time a few steps, then size the run
+            probe = 3
+            self.total_steps = probe
+            t0 = time.perf_counter()
+            step = self._run_phase(probe, learn_thresholds=learn, reconstruct=opts.reconstruct,
+                                   eval_every=10**9, phase="timing", start_step=0, best=best)
+            step_time = (time.perf_counter() - t0) / probe
+            remaining = opts.time_budget - (time.perf_counter() - started)
+            # evaluations and the final pass take about a fifth of the budget
+            iters = max(10, int(0.8 * remaining / step_time))
+        main_iters = iters
+        tune_iters = 0
+        if learn and opts.reconstruct:
+            tune_iters = int(iters * opts.final_tune_fraction)
+            main_iters = iters - tune_iters
+        eval_every = opts.eval_every or max(1, main_iters // 20)
+        self.total_steps = step + main_iters + tune_iters
+        t_loop = time.perf_counter()
+        step = self._run_phase(main_iters, learn_thresholds=learn, reconstruct=opts.reconstruct,
+                               eval_every=eval_every, phase="learn" if learn else "reconstruct",
+                               start_step=step, best=best)
+        loop_steps = main_iters
+        self._restore(best["snap"])
+        if tune_iters:
+            # Masks frozen at the best projection; the surviving weights re-tune to them.
+            best["loss"] = self._holdout_loss(best["masks"])
+            step = self._run_phase(tune_iters, learn_thresholds=False, reconstruct=True,
+                                   eval_every=max(1, tune_iters // 5), phase="final tune", start_step=step,
+                                   best=best)
+            loop_steps += tune_iters
+            self._restore(best["snap"])
+        step_time = (time.perf_counter() - t_loop) / max(1, loop_steps)
+        self._use_fixed(best["masks"])
+        losses = self._losses
+        return LearnResult(
+            counts=np.array([int((~m).sum()) for m in best["masks"].values()], dtype=np.int64),
+            masks=best["masks"], initial_sparsity=list(self.initial_sparsity),
+            learned_sparsity=best["learned"], steps=step, seconds=time.perf_counter() - started,
+            step_time_s=step_time, best_step=best["step"],
+            train_loss={"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
+                        "min": min(losses) if losses else None,
+                        "curve": [float(np.mean(losses[i:i + max(1, len(losses) // 20)]))
+                                  for i in range(0, len(losses), max(1, len(losses) // 20))]},
+            holdout_curve=self.holdout_curve, final_holdout_loss=best["loss"], dense_holdout_loss=dense_holdout,
+        )

@@ -1,0 +1,70 @@
+"""Options of the learner, declared once with their meaning and checked in one place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import OptionError
+
+LOSS_KINDS = ("auto", "kl", "nmse")
+DEFAULT_ITERS = 300
+
+
+@dataclass(frozen=True)
+class LearnOptions:
+    """Knobs of the learner (CLI flags of the same names).
+
+    Attributes:
+        iters: optimisation steps; None sizes the run from ``time_budget`` or uses DEFAULT_ITERS.
+        batch_size: calibration samples per step.
+        lr: learning rate of weights, biases and normalisation parameters (Adam).
+        threshold_lr: learning rate of the log-thresholds (Adam).
+        lambda_: weight of the global constraint |sum N_l s_l / N - S|.
+        temperature: T of the distillation KL on logits.
+        seed: seeds batch order and KDE subsamples; CPU runs repeat exactly.
+        time_budget: seconds for the whole learning stage; sizes ``iters`` from a measured step.
+        weight_decay: on weights only (not thresholds, biases or norms).
+        learn_thresholds: learn the allocation (fcpts); False keeps the initial masks fixed.
+        reconstruct: tune surviving weights, biases and normalisation parameters.
+        loss: "auto" (KL for logits, NMSE otherwise), "kl" or "nmse".
+        eval_every: steps between held-out evaluations (None: about 20 per run).
+        final_tune_fraction: share of iters spent re-tuning weights with the final masks frozen.
+    """
+
+    iters: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-4
+    threshold_lr: float = 0.02
+    lambda_: float = 1.0
+    temperature: float = 4.0
+    seed: int = 0
+    time_budget: float | None = None
+    weight_decay: float = 3e-4
+    learn_thresholds: bool = True
+    reconstruct: bool = True
+    loss: str = "auto"
+    eval_every: int | None = None
+    final_tune_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        def positive(name, value, integer=False):
+            ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+            if not ok or isinstance(value, bool) or (not integer and math.isnan(value)) or value <= 0:
+                flag = "--" + name.rstrip("_").replace("_", "-")
+                raise OptionError(f"{flag} must be a positive {'integer' if integer else 'number'} (got {value!r})")
+
+        if self.iters is not None:
+            positive("iters", self.iters, integer=True)
+        positive("batch_size", self.batch_size, integer=True)
+        positive("lr", self.lr)
+        positive("threshold_lr", self.threshold_lr)
+        positive("temperature", self.temperature)
+        if self.time_budget is not None:
+            positive("time_budget", self.time_budget)
+        if not isinstance(self.lambda_, (int, float)) or math.isnan(self.lambda_) or self.lambda_ < 0:
+            raise OptionError(f"--lambda must be >= 0 (got {self.lambda_!r})")
+        if self.loss not in LOSS_KINDS:
+            raise OptionError(f"--loss must be one of {', '.join(LOSS_KINDS)} (got {self.loss!r})")
+        if not 0 <= self.final_tune_fraction < 1:
+            raise OptionError(f"final_tune_fraction must be in [0, 1) (got {self.final_tune_fraction!r})")

@@ -1,0 +1,128 @@
+"""The learning stage of the pipeline: trainable form -> Learner -> values to write back."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ..allocation import AllocationProblem, allocate
+from ..calibration import CalibrationSet, static_batch
+from ..discovery import Discovery
+from ..onnx_io import LoadedModel
+from ..trainable import build_trainable, parameter_table
+from ..writeback import cast_keeping_nonzeros
+from .fcpts import Learner
+from .options import LearnOptions
+
+
+@dataclass
+class StageResult:
+    counts: np.ndarray
+    updates: list  # (locator, values) for writeback.apply_updates
+    report: dict
+
+
+def _progress_bar(quiet: bool):
+    if quiet:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=1, file=sys.stderr, dynamic_ncols=True, leave=False, desc="learning")
+
+    def update(step: int, total: int, info: dict) -> None:
+        if bar.total != total:
+            bar.total = total
+            bar.refresh()
+        bar.n = step
+        holdout = info["holdout"]
+        bar.set_postfix_str(
+            f"{info['phase']} loss={info['loss']:.4g} sparsity={info['sparsity']:.2%}"
+            + ("" if not math.isfinite(holdout) else f" held-out={holdout:.4g}"),
+            refresh=True,
+        )
+
+    return update, bar.close
+
+
+def learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, train_idx: np.ndarray,
+          holdout_idx: np.ndarray, problem: AllocationProblem, method: str, reconstruct: bool,
+          options: LearnOptions, device: str, quiet: bool) -> StageResult:
+    """Masks (exact counts) and tuned values for ``method``, learned on the training split."""
+    train = calibration.take(train_idx)
+    trainable = build_trainable(loaded, found, train, device=device)
+    module = trainable.module
+    learned = method == "fcpts"
+    initial = allocate("erk" if learned else method, problem)
+
+    def to_device(cal: CalibrationSet) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in cal.arrays.items()}
+
+    nodes = loaded.model.graph.node
+
+    def attrs_of(i: int) -> dict:
+        return {a.name: a.i for a in nodes[i].attribute if a.type == a.INT}
+
+    # A graph exported with a fixed batch may bake it into Reshape constants: learn at that batch.
+    fixed_batch = static_batch(loaded.model)
+    run_options = asdict(options) | {"learn_thresholds": learned, "reconstruct": reconstruct}
+    if fixed_batch:
+        run_options["batch_size"] = fixed_batch
+    update, close = _progress_bar(quiet)
+    try:
+        learner = Learner(module, found.weights, problem, initial, to_device(train),
+                          to_device(calibration.take(holdout_idx)), LearnOptions(**run_options),
+                          attrs_of=attrs_of, progress=update)
+        result = learner.fit()
+    finally:
+        close()
+
+    updates = []
+    with torch.no_grad():
+        for w, key in zip(found.weights, module.prunable_keys):
+            keep = result.masks[key].cpu().numpy()
+            values = (module.parameter(key).detach() * result.masks[key]).cpu().numpy()
+            updates.append((w, cast_keeping_nonzeros(values, np.dtype(w.values(loaded.model).dtype), keep)))
+        if reconstruct:
+            for key, source in module.sources.items():
+                if source.role == "weight":
+                    continue
+                stored = source.tensor(loaded.model)
+                dtype = onnx_np_dtype(stored.data_type)
+                updates.append((source, module.parameter(key).detach().cpu().numpy().astype(dtype)))
+    sizes = [w.size for w in found.weights]
+    report = {
+        "method": method,
+        "reconstruct": reconstruct,
+        "device": device,
+        "parity": trainable.parity.to_dict(),
+        "trainable_parameters": {
+            role: sum(p["params"] for p in parameter_table(module) if p["role"] == role)
+            for role in ("weight", "bias", "norm")
+        },
+        "train_samples": int(len(train_idx)),
+        "holdout_samples": int(len(holdout_idx)),
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "seconds": round(result.seconds, 3),
+        "step_time_s": round(result.step_time_s, 5),
+        "initial_allocation": "erk" if learned else method,
+        "initial_sparsity": result.initial_sparsity,
+        "learned_sparsity": result.learned_sparsity if learned else None,
+        "final_sparsity": [int(k) / n for k, n in zip(result.counts, sizes)],
+        "train_loss": result.train_loss,
+        "holdout_loss": {"dense": result.dense_holdout_loss, "initial": result.holdout_curve[0][1]
+                         if result.holdout_curve else None, "best": result.final_holdout_loss,
+                         "curve": result.holdout_curve},
+        "options": asdict(options),
+    }
+    return StageResult(result.counts, updates, report)
+
+
+def onnx_np_dtype(data_type: int) -> np.dtype:
+    import onnx
+
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))

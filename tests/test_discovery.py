@@ -1,0 +1,380 @@
+"""Prunable-weight discovery on every weight-storage form (issue "Foundation", item 2).
+
+Every graph is built in memory with onnx.helper (see graphs.py); onnxruntime is the oracle
+that the graphs are valid and runnable. MACs are checked against hand formulas.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from fcpts_onnx import sparsify
+from fcpts_onnx.discovery import PRUNABLE_OP_TYPES, discover
+from fcpts_onnx.errors import OptionError, UnsupportedModelError
+from fcpts_onnx.onnx_io import load_model
+
+try:
+    from . import graphs as G
+except ImportError:
+    import graphs as G
+
+
+def _one(model: onnx.ModelProto, **kwargs):
+    found = discover(model, **kwargs)
+    assert len(found.weights) == 1, [w.name for w in found.weights]
+    return found.weights[0]
+
+
+def _consumers(w):
+    return [(c.node_name, c.op_type, c.input_index) for c in w.consumers]
+
+
+def _ort_runs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+# --------------------------------------------------------------------------------------------
+# One row per weight-storage form / op: what discovery must report.
+# (builder, name, storage, shape, dtype, consumers, MACs by hand)
+
+CASES = {
+    # Conv: MACs = out H*W * size(W) (each output pixel of each output channel does C/g*k*k MACs)
+    "conv": (G.conv, "W", "initializer", (6, 4, 3, 3), "float32", [("conv", "Conv", 1)], 6 * 6 * (6 * 4 * 9)),
+    "conv_grouped": (G.grouped_conv, "W", "initializer", (6, 2, 3, 3), "float32", [("conv", "Conv", 1)],
+                     6 * 6 * (6 * 2 * 9)),
+    "conv_depthwise": (G.depthwise_conv, "W", "initializer", (4, 1, 3, 3), "float32", [("conv", "Conv", 1)],
+                       6 * 6 * (4 * 1 * 9)),
+    # ConvTranspose: every input pixel is scattered through the whole weight: in H*W * size(W)
+    "conv_transpose": (G.conv_transpose, "W", "initializer", (4, 6, 3, 3), "float32",
+                       [("deconv", "ConvTranspose", 1)], 5 * 5 * (4 * 6 * 9)),
+    "conv_transpose_grouped": (G.grouped_conv_transpose, "W", "initializer", (4, 3, 3, 3), "float32",
+                               [("deconv", "ConvTranspose", 1)], 5 * 5 * (4 * 3 * 9)),
+    # Gemm/MatMul: M * N * K with K the contracted dim (chosen != the other dims to catch mix-ups)
+    "gemm_transB1": (G.gemm, "W", "initializer", (5, 8), "float32", [("gemm", "Gemm", 1)], 3 * 5 * 8),
+    "gemm_transB0": (lambda: G.gemm(trans_b=0), "W", "initializer", (8, 5), "float32", [("gemm", "Gemm", 1)],
+                     3 * 5 * 8),
+    "gemm_weight_A_transA": (G.gemm_weight_a, "W", "initializer", (8, 5), "float32", [("gemm", "Gemm", 0)],
+                             5 * 3 * 8),
+    "matmul_right": (G.matmul, "W", "initializer", (8, 5), "float32", [("mm", "MatMul", 1)], 3 * 5 * 8),
+    "matmul_left": (G.matmul_left, "W", "initializer", (5, 8), "float32", [("mm", "MatMul", 0)], 5 * 3 * 8),
+    "matmul_batched_3d": (G.matmul_batched, "W", "initializer", (2, 4, 5), "float32", [("mm", "MatMul", 1)],
+                          2 * 3 * 5 * 4),
+    # storage forms
+    "constant_node": (G.matmul_constant, "W", "constant", (8, 5), "float32", [("mm", "MatMul", 1)], 3 * 5 * 8),
+    "constant_node_conv": (G.conv_constant, "W", "constant", (6, 4, 3, 3), "float32", [("conv", "Conv", 1)],
+                           6 * 6 * (6 * 4 * 9)),
+    "identity_1": (lambda: G.matmul_identity(1), "W", "initializer", (8, 5), "float32", [("mm", "MatMul", 1)],
+                   3 * 5 * 8),
+    "identity_2": (lambda: G.matmul_identity(2), "W", "initializer", (8, 5), "float32", [("mm", "MatMul", 1)],
+                   3 * 5 * 8),
+    "identity_2_constant": (lambda: G.matmul_identity(2, constant=True), "W", "constant", (8, 5), "float32",
+                            [("mm", "MatMul", 1)], 3 * 5 * 8),
+    # dtypes
+    "bf16_initializer": (G.bf16_matmul, "W", "initializer", (8, 5), "bfloat16", [("mm", "MatMul", 1)], 3 * 5 * 8),
+    "bf16_constant": (lambda: G.bf16_matmul(constant=True), "W", "constant", (8, 5), "bfloat16",
+                      [("mm", "MatMul", 1)], 3 * 5 * 8),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_discovers_each_storage_form(case):
+    builder, name, storage, shape, dtype, consumers, macs = CASES[case]
+    model = builder()
+    onnx.checker.check_model(model, full_check=True)
+    found = discover(model)
+    assert found.skipped == []
+    assert len(found.weights) == 1
+    w = found.weights[0]
+    assert (w.name, w.storage, w.shape, w.dtype) == (name, storage, shape, dtype)
+    assert _consumers(w) == consumers
+    assert w.macs == macs
+    assert w.size == int(np.prod(shape))
+    assert found.total_params == w.size
+    assert w.external is False
+    # storage/index locate the very tensor that holds the values
+    if storage == "initializer":
+        assert model.graph.initializer[w.index].name == name
+        assert w.where == "initializer"
+    else:
+        node = model.graph.node[w.index]
+        assert node.op_type == "Constant" and node.output[0] == name
+        assert w.where == "Constant node"
+    t = w.tensor(model)
+    assert tuple(t.dims) == shape
+    np.testing.assert_array_equal(w.values(model), numpy_helper.to_array(t))
+
+
+@pytest.mark.parametrize("case", [c for c in sorted(CASES) if not c.startswith("bf16")])
+def test_case_graphs_run_in_onnxruntime(case):
+    """The oracle: every float graph above is a valid model onnxruntime executes."""
+    model = CASES[case][0]()
+    x = model.graph.input[0]
+    shape = [d.dim_value for d in x.type.tensor_type.shape.dim]
+    (y,) = _ort_runs(model, {"x": np.ones(shape, np.float32)})
+    assert list(y.shape) == [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+
+
+def test_constant_value_attribute_is_the_located_tensor():
+    model = G.matmul_constant()
+    w = _one(model)
+    # Changing the tensor discovery returns changes the Constant node's value attribute itself.
+    w.tensor(model).raw_data = np.zeros((8, 5), np.float32).tobytes()
+    node = model.graph.node[w.index]
+    value = next(a.t for a in node.attribute if a.name == "value")
+    assert not numpy_helper.to_array(value).any()
+    assert len(model.graph.initializer) == 0
+
+
+def test_identity_chain_resolves_to_source_not_alias():
+    model = G.matmul_identity(2)
+    w = _one(model)
+    assert w.name == "W"  # not the Identity outputs W_id0 / W_id1
+    assert {n.output[0] for n in model.graph.node if n.op_type == "Identity"} == {"W_id0", "W_id1"}
+
+
+# --------------------------------------------------------------------------------------------
+# Shared weights
+
+
+@pytest.mark.parametrize("via_identity", [False, True])
+def test_shared_matmul_weight_is_one_weight_with_two_consumers(via_identity):
+    found = discover(G.shared_matmul(via_identity=via_identity))
+    assert len(found.weights) == 1
+    w = found.weights[0]
+    assert w.name == "W" and w.shape == (6, 6)
+    assert _consumers(w) == [("mm1", "MatMul", 1), ("mm2", "MatMul", 1)]
+    assert found.total_params == 36  # counted once, not twice
+    assert w.macs == 2 * (3 * 6 * 6)  # both readers' work
+
+
+def test_shared_conv_weight_counted_once():
+    found = discover(G.shared_conv())
+    (w,) = found.weights
+    assert w.node_names == ["conv1", "conv2"]
+    assert found.total_params == 4 * 4 * 9
+    assert w.macs == 2 * (8 * 8 * 4 * 4 * 9)
+
+
+# --------------------------------------------------------------------------------------------
+# Filters: --exclude and --op-types
+
+
+def test_exclude_by_weight_name():
+    found = discover(G.mixed(), exclude=["^W1$"])
+    assert [w.name for w in found.weights] == ["Wc", "W2"]
+    assert [(s.name, s.node_name, s.reason) for s in found.skipped] == [("W1", "fc1", "matches --exclude")]
+
+
+def test_exclude_by_node_name_uses_search():
+    found = discover(G.mixed(), exclude=["fc"])  # re.search: matches fc1 and fc2
+    assert [w.name for w in found.weights] == ["Wc"]
+    assert {(s.name, s.node_name, s.reason) for s in found.skipped} == {
+        ("W1", "fc1", "matches --exclude"), ("W2", "fc2", "matches --exclude"),
+    }
+
+
+def test_exclude_not_matching_anything_changes_nothing():
+    assert [w.name for w in discover(G.mixed(), exclude=["^nothing$"]).weights] == ["Wc", "W1", "W2"]
+
+
+@pytest.mark.parametrize("excluded", ["mm1", "mm2"])
+def test_excluding_any_reader_of_a_shared_weight_keeps_it_dense(excluded):
+    found = discover(G.shared_matmul(), exclude=[f"^{excluded}$"])
+    assert found.weights == []
+    reasons = {(s.node_name, s.reason) for s in found.skipped if s.name == "W"}
+    assert (excluded, "matches --exclude") in reasons
+    assert any(r == "shared with a node that is not pruned" for _, r in reasons)
+
+
+def test_op_types_filter_skips_other_ops_with_reason():
+    found = discover(G.mixed(), op_types=["Conv"])
+    assert [w.name for w in found.weights] == ["Wc"]
+    assert {(s.name, s.op_type, s.reason) for s in found.skipped} == {
+        ("W1", "Gemm", "Gemm not in --op-types"), ("W2", "MatMul", "MatMul not in --op-types"),
+    }
+    found = discover(G.mixed(), op_types=["Gemm", "MatMul"])
+    assert [w.name for w in found.weights] == ["W1", "W2"]
+    assert [s.name for s in found.skipped] == ["Wc"]
+
+
+@pytest.mark.parametrize("keep", ["MatMul", "Gemm"])
+def test_op_types_filter_on_weight_shared_by_two_op_types(keep):
+    """A weight read by a MatMul and a Gemm: when either op type is filtered out, it stays whole."""
+    model = G.shared_matmul()
+    model.graph.node[1].op_type = "Gemm"  # h @ W as Gemm (same maths, transB=0)
+    found = discover(model, op_types=[keep])
+    assert found.weights == []
+    assert any(s.reason == "shared with a node that is not pruned" for s in found.skipped)
+
+
+def test_invalid_regex_is_an_option_error():
+    with pytest.raises(OptionError, match=r"not a valid regular expression") as info:
+        discover(G.matmul(), exclude=["fc[1"])
+    assert "fc[1" in str(info.value)
+
+
+def test_unknown_op_type_is_an_option_error():
+    with pytest.raises(OptionError, match="LSTM") as info:
+        discover(G.matmul(), op_types=["MatMul", "LSTM"])
+    assert all(op in str(info.value) for op in PRUNABLE_OP_TYPES)
+
+
+# --------------------------------------------------------------------------------------------
+# What is not pruned
+
+
+def test_if_branch_weights_listed_as_skipped_not_pruned():
+    model = G.if_model()
+    assert _ort_runs(model, {"x": np.ones((3, 8), np.float32)})[0].shape == (3, 4)
+    found = discover(model)
+    assert [w.name for w in found.weights] == ["W"]
+    skipped = {s.name: s for s in found.skipped}
+    assert set(skipped) == {"W_then", "W_else"}
+    assert skipped["W_then"].node_name == "then_mm" and skipped["W_else"].node_name == "else_mm"
+    for s in skipped.values():
+        assert "If" in s.reason and "'branch'" in s.reason and "not pruned" in s.reason
+    assert "then_branch" in skipped["W_then"].reason and "else_branch" in skipped["W_else"].reason
+
+
+def test_main_graph_weight_also_read_in_subgraph_is_not_pruned():
+    found = discover(G.if_model(share_outer=True))
+    assert [w.name for w in found.weights] == ["W"]
+    reasons = [s.reason for s in found.skipped if s.name == "W_shared"]
+    assert "also used inside a control-flow body; not pruned" in reasons
+
+
+@pytest.mark.parametrize("kind", sorted(G.QUANTIZED))
+def test_quantized_graphs_are_refused(kind, tmp_path):
+    model = G.QUANTIZED[kind]()
+    onnx.checker.check_model(model, full_check=True)
+    with pytest.raises(UnsupportedModelError, match="quantized"):
+        discover(model)
+    path = G.save(model, tmp_path / "q.onnx")
+    out = tmp_path / "q.sparse.onnx"
+    with pytest.raises(UnsupportedModelError, match="quantized"):
+        sparsify(path, out, sparsity=0.5, report_path=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]
+
+
+def test_integer_weight_is_skipped_with_reason():
+    i32 = TensorProto.INT32
+    node = helper.make_node("MatMul", ["x", "Wi"], ["y"], name="mm_int")
+    model = G.model([node], [G.vi("x", i32, [3, 4])], [G.vi("y", i32, [3, 5])],
+                    [G.tensor("Wi", np.arange(20, dtype=np.int32).reshape(4, 5))])
+    assert _ort_runs(model, {"x": np.ones((3, 4), np.int32)})[0].shape == (3, 5)
+    found = discover(model)
+    assert found.weights == []
+    assert [(s.name, s.node_name, s.reason) for s in found.skipped] == [
+        ("Wi", "mm_int", "INT32 weight; only float weights are pruned")]
+
+
+def test_1d_float_weight_is_skipped_with_reason():
+    node = helper.make_node("MatMul", ["x", "v"], ["y"], name="mm_vec")
+    model = G.model([node], [G.vi("x", G.F32, [3, 4])], [G.vi("y", G.F32, [3])], [G.tensor("v", G.rand((4,)))])
+    assert _ort_runs(model, {"x": np.ones((3, 4), np.float32)})[0].shape == (3,)
+    found = discover(model)
+    assert found.weights == []
+    assert [(s.name, s.reason) for s in found.skipped] == [("v", "weight has fewer than 2 dimensions")]
+
+
+@pytest.mark.parametrize("op", ["MatMul", "Conv"])
+def test_weight_behind_cast_is_not_a_constant_weight(op):
+    """Discovery follows Identity only: a bf16 weight cast to float is computed, not prunable."""
+    model = G.bf16_cast_matmul(op=op)
+    onnx.checker.check_model(model, full_check=True)
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    _ort_runs(model, {"x": np.ones(shape, np.float32)})
+    found = discover(model)  # a Conv used to crash here (AttributeError on a non-constant weight)
+    assert found.weights == [] and found.skipped == []
+
+
+def test_conv_weight_from_graph_input_is_not_prunable():
+    model = G.conv(bias=False)
+    w = model.graph.initializer.pop()
+    model.graph.input.append(G.vi("W", TensorProto.FLOAT, list(w.dims)))
+    found = discover(model)
+    assert found.weights == []
+
+
+def test_fp16_weights_keep_their_dtype_and_storage():
+    model = G.fp16_model()
+    found = discover(model)
+    assert [(w.name, w.storage, w.dtype, w.shape) for w in found.weights] == [
+        ("Wc", "initializer", "float16", (4, 3, 3, 3)),
+        ("W1", "initializer", "float16", (8, 64)),
+        ("W2", "constant", "float16", (8, 5)),
+    ]
+    assert all(w.values(model).dtype == np.float16 for w in found.weights)
+
+
+def test_external_data_weights_are_marked(tmp_path):
+    path = G.save(G.mlp_big(), tmp_path / "m.onnx", external=True)
+    assert (tmp_path / "w.data").is_file()
+    loaded = load_model(path)
+    assert loaded.external_data_files == ("w.data",)
+    assert {"W1", "W2", "B2"} <= loaded.external_tensors
+    found = discover(loaded.model, external=loaded.external_tensors)
+    assert [(w.name, w.external) for w in found.weights] == [("W1", True), ("W2", True)]
+    assert all("external data" in w.where for w in found.weights)
+    # the values were loaded from the data file
+    np.testing.assert_array_equal(found.weights[0].values(loaded.model), G.rand((32, 32), 0))
+
+
+def test_mixed_model_discovers_every_storage_form_in_graph_order():
+    model = G.mixed()
+    found = discover(model)
+    assert [(w.name, w.storage, w.op_type, w.node_names) for w in found.weights] == [
+        ("Wc", "initializer", "Conv", ["conv"]),
+        ("W1", "initializer", "Gemm", ["fc1"]),  # behind Identity id_w1
+        ("W2", "constant", "MatMul", ["fc2"]),
+    ]
+    # the non-prunable bias tensors are neither weights nor skipped
+    names = {w.name for w in found.weights} | {s.name for s in found.skipped}
+    assert not names & {"Bc", "B1", "B2"}
+    assert found.total_params == 108 + 1024 + 160
+
+
+# --------------------------------------------------------------------------------------------
+# Properties
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    group=st.integers(1, 3), per_group_in=st.integers(1, 3), per_group_out=st.integers(1, 3),
+    k=st.integers(1, 3), extra=st.integers(0, 4), transpose=st.booleans(),
+)
+def test_conv_shape_and_macs_match_formula(group, per_group_in, per_group_out, k, extra, transpose):
+    c_in, c_out, hw = group * per_group_in, group * per_group_out, k + extra
+    if transpose:
+        model = G.conv_transpose(c_in=c_in, c_out=c_out, k=k, group=group, hw=hw)
+        shape, macs = (c_in, c_out // group, k, k), hw * hw * c_in * (c_out // group) * k * k
+    else:
+        model = G.conv(c_in=c_in, c_out=c_out, k=k, group=group, hw=hw)
+        out = hw - k + 1
+        shape, macs = (c_out, c_in // group, k, k), out * out * c_out * (c_in // group) * k * k
+    w = _one(model)
+    assert w.shape == shape
+    assert w.macs == macs
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(1, 6), k=st.integers(1, 6), n=st.integers(1, 6),
+       form=st.sampled_from(["matmul", "matmul_left", "gemm1", "gemm0", "gemm_a"]))
+def test_matmul_gemm_macs_are_m_n_k(m, k, n, form):
+    model = {
+        "matmul": lambda: G.matmul(m=m, k=k, n=n),
+        "matmul_left": lambda: G.matmul_left(m=m, k=k, n=n),
+        "gemm1": lambda: G.gemm(trans_b=1, m=m, k=k, n=n),
+        "gemm0": lambda: G.gemm(trans_b=0, m=m, k=k, n=n),
+        "gemm_a": lambda: G.gemm_weight_a(m=m, k=k, n=n),
+    }[form]()
+    w = _one(model)
+    assert w.size == k * (n if form in ("matmul", "gemm1", "gemm0") else m)
+    assert w.macs == m * n * k
