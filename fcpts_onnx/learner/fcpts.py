@@ -211,7 +211,7 @@ class Learner:
                 soft = torch.sigmoid((mags - t) / layer.tau)
                 # Forward: the hard mask (the network that will be deployed).
                 # Backward: the soft mask's gradient reaches the threshold (straight-through).
-                return w * (hard + soft - soft.detach())
+                return w * (hard + (soft - soft.detach()))  # exactly hard: x - x is 0, (h + x) - x is not
             self.module.weight_transforms[layer.key] = transform
 
     def global_sparsity(self) -> torch.Tensor:
@@ -332,7 +332,7 @@ class Learner:
             if learn_thresholds:
                 for layer in self.layers:
                     layer.clamp_theta()
-            value = float(rec)
+            value = float(rec.detach())
             self._losses.append(value)
             if (step + 1) % eval_every == 0 or step == iters - 1:
                 self._evaluate(start_step + step + 1, learn_thresholds, best)

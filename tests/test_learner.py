@@ -1,0 +1,179 @@
+"""Unit tests of the FCPTS learner's pieces: bridge, straight-through masks, constraint,
+projection, ERK start, determinism (METHOD.md)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper, numpy_helper
+
+from fcpts_onnx.allocation import AllocationProblem, allocate
+from fcpts_onnx.discovery import discover
+from fcpts_onnx.learner.bridge import kde_density, layer_sparsity, silverman_bandwidth
+from fcpts_onnx.learner.fcpts import Learner
+from fcpts_onnx.learner.options import LearnOptions
+from fcpts_onnx.masks import magnitude
+from fcpts_onnx.torchform import OnnxModule
+
+
+def mlp(seed: int = 0, hidden: int = 24) -> onnx.ModelProto:
+    """x[B,16] -> MatMul W1[16,h] -> Tanh-free linear chain -> MatMul W2[h,10] (logits)."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((16, hidden)).astype(np.float32) / 4
+    w2 = rng.standard_normal((hidden, 10)).astype(np.float32) / 5
+    b2 = rng.standard_normal(10).astype(np.float32) / 10
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+             helper.make_node("MatMul", ["h", "W2"], ["z"], name="fc2"),
+             helper.make_node("Add", ["z", "b2"], ["logits"], name="bias2")]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", 10])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2"), numpy_helper.from_array(b2, "b2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def make_learner(model, target=0.7, seed=0, **opts):
+    found = discover(model)
+    module = OnnxModule(model, prunable=found.weights)
+    values = [w.values(model) for w in found.weights]
+    problem = AllocationProblem([magnitude(v) for v in values], [w.shape for w in found.weights], target, 0.98)
+    initial = allocate("erk", problem)
+    rng = np.random.default_rng(123)
+    x = torch.from_numpy(rng.standard_normal((96, 16)).astype(np.float32))
+    options = LearnOptions(**({"iters": 20, "batch_size": 16, "seed": seed} | opts))
+    nodes = model.graph.node
+    learner = Learner(module, found.weights, problem, initial, {"x": x[:80]}, {"x": x[80:]}, options,
+                      attrs_of=lambda i: {a.name: a.i for a in nodes[i].attribute})
+    return learner, problem, initial, module
+
+
+# -- bridge ------------------------------------------------------------------------------
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(10, 400), st.floats(0.05, 0.95), st.integers(0, 2**31 - 1))
+def test_bridge_forward_is_the_exact_count(n, q, seed):
+    mags = torch.from_numpy(np.abs(np.random.default_rng(seed).standard_normal(n))).float()
+    t = torch.quantile(mags, q).detach()
+    h = silverman_bandwidth(mags)
+    s = layer_sparsity(t, mags, mags, h)
+    assert float(s) == pytest.approx(float((mags <= t).float().mean()), abs=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(50, 2000), st.floats(0.1, 0.9), st.integers(0, 2**31 - 1))
+def test_bridge_gradient_is_the_derivative_of_the_smoothed_count(n, q, seed):
+    mags = torch.from_numpy(np.abs(np.random.default_rng(seed).standard_normal(n))).double()
+    h = silverman_bandwidth(mags)
+    t = torch.quantile(mags, q).clone().requires_grad_(True)
+    layer_sparsity(t, mags, mags, h).backward()
+
+    def smoothed(tt: float) -> float:  # KDE-smoothed count: mean of Gaussian CDFs
+        z = (tt - mags) / h
+        return float(0.5 * (1 + torch.erf(z / math.sqrt(2))).mean())
+
+    eps = float(h) * 1e-3
+    t0 = float(t.detach())
+    finite_difference = (smoothed(t0 + eps) - smoothed(t0 - eps)) / (2 * eps)
+    assert float(t.grad) == pytest.approx(finite_difference, rel=1e-4)
+    assert float(t.grad) == pytest.approx(float(kde_density(t.detach(), mags, h)), rel=1e-12)
+
+
+# -- masks and thresholds -------------------------------------------------------------------
+
+def test_erk_start_puts_thresholds_at_the_erk_counts():
+    learner, problem, initial, _ = make_learner(mlp())
+    for layer, k in zip(learner.layers, initial):
+        assert int((layer.magnitudes() <= layer.threshold()).sum()) == int(k)
+    assert int(np.sum(initial)) == problem.n_zeros
+
+
+def test_forward_uses_the_hard_mask_exactly():
+    learner, _, _, module = make_learner(mlp())
+    for layer in learner.layers:
+        layer.refresh()
+    learner._use_learned()
+    key = learner.layers[0].key
+    w = module.parameter(key)
+    out = module.weight_transforms[key](w)
+    expected = w * (w.detach().abs() > learner.layers[0].threshold()).float()
+    assert torch.equal(out, expected)
+
+
+def test_reconstruction_loss_moves_thresholds_without_the_constraint():
+    """The defect of the reference code: here L_rec alone (lambda = 0) reaches the thresholds."""
+    learner, *_ = make_learner(mlp(), lambda_=0.0, reconstruct=False, threshold_lr=0.05)
+    learner._losses = []
+    learner.holdout_curve = []
+    before = [float(layer.theta.detach()) for layer in learner.layers]
+    best = {"loss": math.inf, "masks": learner.fixed_masks}
+    learner._run_phase(15, learn_thresholds=True, reconstruct=False, eval_every=10**9, phase="test",
+                       start_step=0, best=best)
+    after = [float(layer.theta.detach()) for layer in learner.layers]
+    assert all(abs(a - b) > 1e-3 for a, b in zip(after, before))
+    # downwards: a denser network reconstructs the teacher better, and nothing pulls back
+    assert all(a < b for a, b in zip(after, before))
+
+
+def test_constraint_alone_pulls_sparsity_to_the_target():
+    learner, problem, *_ = make_learner(mlp(), target=0.6)
+    for layer in learner.layers:
+        layer.refresh()
+        with torch.no_grad():
+            layer.theta -= 1.0  # start well below the target
+    opt = torch.optim.Adam([layer.theta for layer in learner.layers], lr=0.05)
+    start = float(learner.global_sparsity())
+    for _ in range(200):
+        opt.zero_grad()
+        loss = (learner.global_sparsity() - problem.target).abs()
+        loss.backward()
+        opt.step()
+    end = float(learner.global_sparsity())
+    assert start < 0.45
+    assert abs(end - 0.6) < 0.03
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(0.1, 0.95), st.lists(st.floats(-2, 2), min_size=2, max_size=2), st.integers(0, 1000))
+def test_projection_hits_the_exact_count_and_keeps_every_channel(target, shifts, seed):
+    learner, problem, *_ = make_learner(mlp(seed=seed), target=target)
+    for layer, shift in zip(learner.layers, shifts):
+        with torch.no_grad():
+            layer.theta += shift  # any learned allocation, however far from the target
+    counts = learner.project()
+    assert int(counts.sum()) == problem.n_zeros
+    assert np.all(counts <= problem.caps)
+    masks = learner._masks_from_counts(counts, protect=True)
+    for layer, k in zip(learner.layers, counts):
+        keep = masks[layer.key]
+        assert int((~keep).sum()) == int(k)
+        # at least one weight kept per output channel (axis 1 for x @ W)
+        assert bool(keep.any(dim=1 - layer.out_axis).all())
+
+
+def test_fit_is_deterministic_for_a_seed():
+    results = []
+    for _ in range(2):
+        learner, _, _, module = make_learner(mlp(), iters=12, seed=7)
+        result = learner.fit()
+        results.append((result.counts.tolist(), [m.clone() for m in result.masks.values()],
+                        [p.detach().clone() for p in module.parameters()]))
+    (c1, m1, p1), (c2, m2, p2) = results
+    assert c1 == c2
+    assert all(torch.equal(a, b) for a, b in zip(m1, m2))
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+
+
+def test_fit_result_is_exact_and_never_worse_than_its_start_on_held_out_data():
+    learner, problem, *_ = make_learner(mlp(), iters=30)
+    result = learner.fit()
+    assert int(result.counts.sum()) == problem.n_zeros
+    start = result.holdout_curve[0][1]
+    assert result.final_holdout_loss <= start
