@@ -174,6 +174,17 @@ def _concat(collected: dict[str, list[np.ndarray]], source: str) -> dict[str, np
 
 
 def _raw_arrays(source: Any, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], str]:
+    from .images import ImageFolder, load_image_folder
+
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        source = ImageFolder(source)
+    if isinstance(source, ImageFolder):
+        if len(specs) != 1:
+            raise CalibrationError(
+                f"{source.path}: an image folder feeds one input but the model has {len(specs)}; use an .npz"
+            )
+        spec = specs[0]
+        return {spec.name: load_image_folder(source, spec.name, spec.dims, spec.dtype)}, str(source.path)
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():

@@ -6,12 +6,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .allocation import ALLOCATORS
-from .api import run
+from .api import default_output_path, default_report_path, run
 from .config import SparsifyOptions
 from .errors import FcptsError, OptionError
+from .images import ImageFolder
 from .inspection import format_inspection, inspect_model
 from .learner.options import DEFAULT_ITERS, LOSS_KINDS, LearnOptions
 
@@ -28,6 +30,25 @@ def _shape(text: str) -> tuple[str, tuple[int, ...]]:
         return name, tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,... (e.g. input=1,3,224,224), got {text!r}") from None
+
+
+def _hw(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
+        if len(parts) == 1:
+            parts = parts * 2
+        if len(parts) != 2 or min(parts) < 1:
+            raise ValueError
+        return parts[0], parts[1]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 224x224 (or one number), got {text!r}") from None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _sparsity(text: str) -> float:
@@ -67,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma list of op types to prune (default Conv,ConvTranspose,Gemm,MatMul)")
     opt.add_argument("--max-layer-sparsity", type=float, default=0.98, metavar="F",
                      help="no layer pruned beyond this fraction (default 0.98)")
+    opt.add_argument("--plot", nargs="?", const=True, metavar="PNG",
+                     help="draw the per-layer allocation (default OUTPUT stem + .allocation.png)")
+    images = opt.add_argument_group("image folder calibration (--calib DIR)")
+    images.add_argument("--resize", type=int, metavar="N", help="resize the shorter side to N, then centre-crop")
+    images.add_argument("--crop", type=_hw, metavar="HxW", help="crop size (default: the model's input size)")
+    images.add_argument("--mean", type=_floats, default=(0.0,), metavar="M[,M,M]",
+                        help="subtracted after scaling, per channel (e.g. 0.485,0.456,0.406)")
+    images.add_argument("--std", type=_floats, default=(1.0,), metavar="S[,S,S]",
+                        help="divides after the mean, per channel (e.g. 0.229,0.224,0.225)")
+    images.add_argument("--scale", type=float, default=1 / 255, help="multiplies 0..255 pixels first (default 1/255)")
+    images.add_argument("--layout", choices=("NCHW", "NHWC"), help="default: guessed from the input shape")
+    images.add_argument("--channel-order", choices=("RGB", "BGR"), default="RGB")
+    images.add_argument("--max-images", type=int, metavar="N", help="use at most N images")
     learn = opt.add_argument_group("learning (fcpts and --reconstruct)")
     learn.add_argument("--iters", type=int, help=f"optimisation steps (default {DEFAULT_ITERS}, or sized by "
                                                   "--time-budget)")
@@ -133,14 +167,31 @@ def _optimize(args: argparse.Namespace) -> int:
         device=args.device, learn=learn,
     )
     report_path = False if args.no_report else args.report
-    report = run(args.model, args.output, args.calib, options, input_shapes=shapes or None,
+    calib = args.calib
+    if calib and Path(calib).is_dir():
+        calib = ImageFolder(calib, resize=args.resize, crop=args.crop, mean=args.mean, std=args.std,
+                            scale=args.scale, layout=args.layout, channel_order=args.channel_order,
+                            limit=args.max_images)
+    plot_path = None
+    if args.plot:
+        output = Path(args.output) if args.output else default_output_path(args.model)
+        plot_path = Path(output.with_name(output.stem + ".allocation.png") if args.plot is True else args.plot)
+        if not plot_path.parent.is_dir():
+            raise OptionError(f"{plot_path.parent}: plot folder does not exist; create it or choose another --plot")
+    report = run(args.model, args.output, calib, options, input_shapes=shapes or None,
                  report_path=report_path, quiet=args.quiet or args.json)
+    if plot_path is not None:
+        from .plots import plot_allocation
+
+        plot_allocation(report, plot_path)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif not args.quiet:
         print(report.format_table())
         if report_path is not False:
-            print(f"report: {args.report or report.output_path.rsplit('.onnx', 1)[0] + '.report.json'}")
+            print(f"report: {args.report or default_report_path(report.output_path)}")
+        if plot_path is not None:
+            print(f"plot: {plot_path}")
     return 0
 
 
