@@ -43,12 +43,20 @@ def convert_and_check(loaded: LoadedModel, found: Discovery, calibration: Calibr
         raise UnsupportedModelError(
             f"the trainable form needs PyTorch ({exc}); install it with: pip install torch==2.13.0"
         ) from None
+    from .torchform.module import NodeExecutionError
+
     device = resolve_device(device)
     module = OnnxModule(loaded.model, prunable=found.weights).to(device)
     module.eval()
     batch = calibration.take(slice(0, parity_samples)).arrays
-    parity = check_parity(loaded.model, module, {k: np.ascontiguousarray(v) for k, v in batch.items()},
-                          device=device)
+    try:
+        parity = check_parity(loaded.model, module, {k: np.ascontiguousarray(v) for k, v in batch.items()},
+                              device=device)
+    except NodeExecutionError as exc:
+        raise UnsupportedModelError(
+            f"the trainable form cannot run this model: {exc}; use a data-free method without "
+            "reconstruction, and report the model"
+        ) from None
     return Trainable(module, device, parity)
 
 

@@ -103,13 +103,15 @@ def test_forward_uses_the_hard_mask_exactly():
     key = learner.layers[0].key
     w = module.parameter(key)
     out = module.weight_transforms[key](w)
-    expected = w * (w.detach().abs() > learner.layers[0].threshold()).float()
+    layer = learner.layers[0]
+    expected = w * ((w.detach().abs() > layer.threshold()) | layer.protect).float()
     assert torch.equal(out, expected)
+    assert layer.protect.sum() == w.shape[layer.out_axis]  # one protected weight per output channel
 
 
 def test_reconstruction_loss_moves_thresholds_without_the_constraint():
     """The defect of the reference code: here L_rec alone (lambda = 0) reaches the thresholds."""
-    learner, *_ = make_learner(mlp(), lambda_=0.0, reconstruct=False, threshold_lr=0.05)
+    learner, *_ = make_learner(mlp(), lambda_=0.0, reconstruct=False, threshold_lr=0.05, constraint="penalty")
     learner._losses = []
     learner.holdout_curve = []
     before = [float(layer.theta.detach()) for layer in learner.layers]
@@ -120,6 +122,19 @@ def test_reconstruction_loss_moves_thresholds_without_the_constraint():
     assert all(abs(a - b) > 1e-3 for a, b in zip(after, before))
     # downwards: a denser network reconstructs the teacher better, and nothing pulls back
     assert all(a < b for a, b in zip(after, before))
+
+
+def test_projected_steps_move_the_allocation_and_hold_the_target():
+    """The default: L_rec moves the per-layer allocation while the global count stays at S."""
+    learner, problem, initial, _ = make_learner(mlp(), reconstruct=False, threshold_lr=0.1)
+    learner._losses = []
+    learner.holdout_curve = []
+    best = {"loss": math.inf, "masks": learner.fixed_masks}
+    learner._run_phase(25, learn_thresholds=True, reconstruct=False, eval_every=10**9, phase="test",
+                       start_step=0, best=best)
+    counts = [int((layer.magnitudes() <= layer.threshold()).sum()) for layer in learner.layers]
+    assert counts != [int(k) for k in initial]
+    assert abs(sum(counts) - problem.n_zeros) <= 0.02 * problem.total
 
 
 def test_constraint_alone_pulls_sparsity_to_the_target():

@@ -42,6 +42,7 @@ class _Layer:
     cap: int
     tau: torch.Tensor | None = None
     upper: torch.Tensor | None = None
+    protect: torch.Tensor | None = None  # bool, shaped like the weight
 
     def threshold(self) -> torch.Tensor:
         return self.scale * torch.exp(self.theta)
@@ -64,14 +65,14 @@ class _Layer:
         return protect.reshape(shape).movedim(0, self.out_axis).reshape(-1)
 
     def refresh(self) -> None:
-        """Recompute the temperature (KDE bandwidth) and the threshold's upper bound."""
+        """Recompute the temperature (KDE bandwidth), the threshold's upper bound (the layer
+        cap) and which weights are protected (each output channel's largest)."""
         sample = self.kde_sample()
         self.tau = silverman_bandwidth(sample).detach()
         mags = self.magnitudes()
-        bound = torch.kthvalue(mags, max(self.cap, 1)).values if self.cap > 0 else mags.min() * 0
-        moved = self.weight.detach().abs().movedim(self.out_axis, 0).reshape(self.weight.shape[self.out_axis], -1)
-        bound = torch.minimum(bound, moved.max(dim=1).values.min())
+        bound = torch.kthvalue(mags.cpu(), max(self.cap, 1)).values.to(mags.device) if self.cap > 0 else mags.min() * 0
         self.upper = bound * (1 - 1e-6)
+        self.protect = self.channel_protect().reshape(self.weight.shape)
 
     def clamp_theta(self) -> None:
         with torch.no_grad():
@@ -93,6 +94,19 @@ def output_axis(weight: PrunableWeight, attrs_of: Callable[[int], dict]) -> int:
             return 0 if attrs.get("transB", 0) else 1
         return 1 if attrs.get("transA", 0) else 0
     return len(weight.shape) - 1 if c.input_index == 1 else len(weight.shape) - 2
+
+
+def keep_mask(mags: torch.Tensor, k: int) -> torch.Tensor:
+    """False at the k smallest magnitudes (ties by position), True elsewhere; O(n), no sort."""
+    keep = torch.ones_like(mags, dtype=torch.bool)
+    if k <= 0:
+        return keep
+    kth = torch.kthvalue(mags.cpu(), k).values.to(mags.device)
+    below = mags < kth
+    keep &= ~below
+    ties = torch.nonzero(mags == kth).reshape(-1)[: k - int(below.sum())]
+    keep[ties] = False
+    return keep
 
 
 @dataclass
@@ -189,11 +203,7 @@ class Learner:
             mags = layer.magnitudes().clone()
             if protect:
                 mags[layer.channel_protect()] = float("inf")
-            keep = torch.ones_like(mags, dtype=torch.bool)
-            if k > 0:
-                order = torch.argsort(mags, stable=True)
-                keep[order[: int(k)]] = False
-            masks[layer.key] = keep.reshape(layer.weight.shape)
+            masks[layer.key] = keep_mask(mags, int(k)).reshape(layer.weight.shape)
         return masks
 
     def _use_fixed(self, masks: Mapping[str, torch.Tensor]) -> None:
@@ -207,7 +217,8 @@ class Learner:
             def transform(w, layer=layer):
                 t = layer.threshold()
                 mags = w.detach().abs()
-                hard = (mags > t).to(w.dtype)
+                # each output channel keeps its largest weight, so no channel is cut off
+                hard = ((mags > t) | layer.protect).to(w.dtype)
                 soft = torch.sigmoid((mags - t) / layer.tau)
                 # Forward: the hard mask (the network that will be deployed).
                 # Backward: the soft mask's gradient reaches the threshold (straight-through).
@@ -268,6 +279,73 @@ class Learner:
 
     # -- the loop -------------------------------------------------------------------------
 
+    def _projected_threshold_step(self, lr: float) -> torch.Tensor:
+        """One step of the allocation on the constraint surface (the default, ``constraint="projected"``).
+
+        The reconstruction gradient of each log-threshold, g_l = dL_rec/dtheta_l, is divided by
+        the bridge's c_l = d(global sparsity)/dtheta_l: u_l is the marginal loss of making the
+        network sparser through layer l. Layers where that is dear get denser, cheap ones
+        sparser; then one common shift of all log-thresholds (Newton steps on exact counts,
+        c_l as the slope) restores the global target. Fixed points satisfy u_l = const, the
+        optimality condition of min L_rec s.t. global sparsity = S. The penalty form of the
+        reference code lands near S only when lambda happens to match the loss scale; this
+        keeps the trained network at the target all along.
+        """
+        thetas = [layer.theta for layer in self.layers]
+        g = torch.stack([t.grad if t.grad is not None else torch.zeros_like(t) for t in thetas]).detach()
+        c = torch.stack(torch.autograd.grad(self.global_sparsity(), thetas, allow_unused=True,
+                                            materialize_grads=True)).detach()
+        usable = c > 1e-12
+        u = torch.where(usable, g / c.clamp_min(1e-12), torch.zeros_like(g))
+        scale = u[usable].abs().mean() if usable.any() else torch.tensor(0.0)
+        if float(scale) > 0:
+            step = (u / scale).clamp(-5.0, 5.0)
+            with torch.no_grad():
+                for layer, du in zip(self.layers, step):
+                    layer.theta -= lr * du
+                    layer.clamp_theta()
+        return self._shift_to_target()
+
+    @torch.no_grad()
+    def _shift_to_target(self, iterations: int = 40) -> torch.Tensor:
+        """Shift every log-threshold by one scalar so the global sparsity is back at S.
+
+        Bisection on the shift, counting each layer on its KDE subsample (a few thousand
+        weights), so a step costs little even for large models; the exact count is only
+        needed at the final projection. Thresholds stay within their bounds.
+        """
+        target = self.problem.target
+        samples = [layer.kde_sample() for layer in self.layers]
+        sizes = [float(layer.weight.numel()) for layer in self.layers]
+        thetas = [float(layer.theta) for layer in self.layers]
+        uppers = [math.log(float(layer.upper) / layer.scale) if layer.upper is not None and float(layer.upper) > 0
+                  else math.inf for layer in self.layers]
+
+        def sparsity_at(delta: float) -> float:
+            zeros = 0.0
+            for sample, size, theta, upper, layer in zip(samples, sizes, thetas, uppers, self.layers):
+                t = layer.scale * math.exp(min(theta + delta, upper))
+                zeros += size * float((sample <= t).float().mean())
+            return zeros / self.total
+
+        lo, hi = -20.0, 20.0
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            if sparsity_at(mid) < target:
+                lo = mid
+            else:
+                hi = mid
+        delta = 0.5 * (lo + hi)
+        for layer in self.layers:
+            layer.theta += delta
+            layer.clamp_theta()
+        return torch.tensor(self._counted_sparsity())
+
+    @torch.no_grad()
+    def _counted_sparsity(self) -> float:
+        zeros = sum(int((layer.magnitudes() <= layer.threshold()).sum()) for layer in self.layers)
+        return zeros / self.total
+
     def _optimizers(self, learn_thresholds: bool, reconstruct: bool):
         weight_params = [layer.weight for layer in self.layers]
         other = [p for k, p in self.module.named_parameters()
@@ -281,7 +359,7 @@ class Learner:
                 groups.append({"params": other, "weight_decay": 0.0})
         opt_w = torch.optim.Adam(groups, lr=self.options.lr) if groups else None
         opt_t = None
-        if learn_thresholds:
+        if learn_thresholds and self.options.constraint == "penalty":
             opt_t = torch.optim.Adam([layer.theta for layer in self.layers], lr=self.options.threshold_lr)
         return opt_w, opt_t
 
@@ -321,15 +399,20 @@ class Learner:
             rec = distillation_loss(self.module.run(batch), teacher, self.kinds, opts.temperature)
             loss = rec
             sparsity = None
-            if learn_thresholds:
+            projected = learn_thresholds and opts.constraint == "projected"
+            if learn_thresholds and not projected:
                 sparsity = self.global_sparsity()
                 loss = rec + opts.lambda_ * (sparsity - self.problem.target).abs()
             for o in optimizers:
                 o.zero_grad(set_to_none=True)
+            for layer in self.layers:
+                layer.theta.grad = None
             loss.backward()
             for o in optimizers:
                 o.step()
-            if learn_thresholds:
+            if projected:
+                sparsity = self._projected_threshold_step(opts.threshold_lr * lr_factor(step))
+            elif learn_thresholds:
                 for layer in self.layers:
                     layer.clamp_theta()
             value = float(rec.detach())

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..errors import OptionError
 
 LOSS_KINDS = ("auto", "kl", "nmse")
+CONSTRAINTS = ("projected", "penalty")
 DEFAULT_ITERS = 300
 
 
@@ -20,7 +21,10 @@ class LearnOptions:
         batch_size: calibration samples per step.
         lr: learning rate of weights, biases and normalisation parameters (Adam).
         threshold_lr: learning rate of the log-thresholds (Adam).
-        lambda_: weight of the global constraint |sum N_l s_l / N - S|.
+        lambda_: weight of the global constraint |sum N_l s_l / N - S| (penalty form).
+        constraint: "projected" (default: allocation steps on the constraint surface, the
+            target held at every step) or "penalty" (the reference: L_rec + lambda * |s - S|,
+            Adam on the thresholds).
         temperature: T of the distillation KL on logits.
         seed: seeds batch order and KDE subsamples; CPU runs repeat exactly.
         time_budget: seconds for the whole learning stage; sizes ``iters`` from a measured step.
@@ -37,6 +41,7 @@ class LearnOptions:
     lr: float = 1e-4
     threshold_lr: float = 0.02
     lambda_: float = 1.0
+    constraint: str = "projected"
     temperature: float = 4.0
     seed: int = 0
     time_budget: float | None = None
@@ -64,6 +69,8 @@ class LearnOptions:
             positive("time_budget", self.time_budget)
         if not isinstance(self.lambda_, (int, float)) or math.isnan(self.lambda_) or self.lambda_ < 0:
             raise OptionError(f"--lambda must be >= 0 (got {self.lambda_!r})")
+        if self.constraint not in CONSTRAINTS:
+            raise OptionError(f"--constraint must be one of {', '.join(CONSTRAINTS)} (got {self.constraint!r})")
         if self.loss not in LOSS_KINDS:
             raise OptionError(f"--loss must be one of {', '.join(LOSS_KINDS)} (got {self.loss!r})")
         if not 0 <= self.final_tune_fraction < 1:

@@ -52,6 +52,16 @@ def to_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array, copy=True))
 
 
+class NodeExecutionError(RuntimeError):
+    """An operator implementation failed on a node: names the node so the failure can be found."""
+
+    def __init__(self, ctx: NodeContext, cause: Exception):
+        self.node_name = ctx.name
+        self.op_type = ctx.node.op_type
+        first = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
+        super().__init__(f"node {ctx.name!r} ({ctx.node.op_type}, opset {ctx.opset}) failed: {first}")
+
+
 @dataclass(frozen=True)
 class TensorSource:
     """The ONNX tensor a parameter came from, for exact write-back."""
@@ -254,12 +264,19 @@ class OnnxModule(nn.Module):
             value = feeds[name]
             env[name] = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
         wanted = set(keep or ())
+        device = next((env[n].device for n in self.input_names), None)
+        if device is None:
+            device = next((v.device for v in env.values() if isinstance(v, torch.Tensor)), None)
         for step in self._steps:
+            step.ctx.device = device
             args = [env[n] if n else None for n in step.inputs]
             # Trailing absent optional inputs are dropped so implementations see their defaults.
             while args and args[-1] is None:
                 args.pop()
-            result = step.fn(step.ctx, *args)
+            try:
+                result = step.fn(step.ctx, *args)
+            except Exception as exc:
+                raise NodeExecutionError(step.ctx, exc) from exc
             if not isinstance(result, (tuple, list)):
                 result = (result,)
             for name, value in zip(step.outputs, result):

@@ -70,6 +70,9 @@ class NodeContext:
     node: onnx.NodeProto
     opset: int
     attrs: dict[str, Any] = field(default_factory=dict)
+    # The device of the current run (its inputs'), set by OnnxModule.run: where ops that make
+    # data from shapes alone (ConstantOfShape, Range) put it. None outside a module run.
+    device: Any = None
 
     @classmethod
     def of(cls, node: onnx.NodeProto, opset: int) -> NodeContext:

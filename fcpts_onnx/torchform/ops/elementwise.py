@@ -13,6 +13,7 @@ back (uint64 through int64, exact below 2**63).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -62,7 +63,7 @@ def _binary(op_type: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
 
 def _unary(op_type: str, fn: Callable[[torch.Tensor], torch.Tensor], since: int = 1) -> None:
     def impl(ctx, x):
-        return fn(x)
+        return _widened(fn, x)
 
     impl.__name__ = op_type.lower()
     register(op_type, since=since)(impl)
@@ -192,16 +193,19 @@ def gelu(ctx, x):
     approximate = ctx.attr("approximate", "none")
     if approximate not in ("none", "tanh"):
         raise UnsupportedModelError(f"Gelu node {ctx.name!r}: unknown approximate={approximate!r}")
-    return F.gelu(x, approximate=approximate)
+    y = F.gelu(x, approximate=approximate)
+    if approximate == "none":
+        y = torch.where(x == math.inf, x, y)  # torch's exact Gelu gives NaN at +inf, onnxruntime inf
+    return y
 
 
 @register("Shrink", since=9)
 def shrink(ctx, x):
     bias, lambd = ctx.attr("bias", 0.0), ctx.attr("lambd", 0.5)
-    zero = torch.zeros_like(x)
-    if not x.is_floating_point():
-        bias = int(bias)
-    return torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, zero))
+    # onnxruntime computes every dtype in float32 (integers truncate back, doubles round)
+    v = x if x.dtype == torch.float32 else x.to(torch.float32)
+    y = torch.where(v < -lambd, v + bias, torch.where(v > lambd, v - bias, torch.zeros_like(v)))
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,9 +241,11 @@ def pow_(ctx, x, y):
     x, y = _legacy_align(ctx, x, y)
     if x.is_floating_point():
         if not y.is_floating_point():
-            y = y.to(x.dtype)
-        out = torch.pow(x, y)
-        return out if out.dtype == x.dtype else out.to(x.dtype)
+            return torch.pow(x, y.to(x.dtype))
+        if y.dtype != x.dtype:  # float ** double: onnxruntime computes in double
+            common = torch.promote_types(x.dtype, y.dtype)
+            return torch.pow(x.to(common), y.to(common)).to(x.dtype)
+        return torch.pow(x, y)
     # Integer base: onnxruntime multiplies for a single exponent of 2 or 3 (wrapping like C)
     # and otherwise casts std::pow(double, double) back to the integer type.
     if y.numel() == 1 and x.numel() > 1:
@@ -329,7 +335,13 @@ def clip_attributes(ctx, x):
 
 @register("Clip", since=11)
 def clip(ctx, x, lo=None, hi=None):
-    # min/max are optional inputs (None when absent, even with max present).
+    # min/max are optional inputs (None when absent, even with max present). onnxruntime
+    # clips an absent bound at the dtype's extremes, so floats lose their infinities.
+    if x.is_floating_point():
+        info = torch.finfo(x.dtype)
+        lo = info.min if lo is None else lo.reshape(()).to(x.dtype)
+        hi = info.max if hi is None else hi.reshape(()).to(x.dtype)
+        return torch.clamp(x, lo, hi)
     if lo is None and hi is None:
         return x
     lo = None if lo is None else lo.reshape(()).to(x.dtype)

@@ -3,9 +3,11 @@ ArgMin, CumSum, TopK.
 
 Axes are an attribute before opset 18 (ReduceSum: before 13) and an optional input from
 then on. No axes means all axes, unless ``noop_with_empty_axes`` is set, when the input
-comes back unchanged (onnxruntime does not even apply the reduction's elementwise part,
-e.g. ReduceSumSquare's square). Integer inputs keep their dtype (integer ReduceMean
-truncates, as onnxruntime's C++ division does).
+comes back elementwise-transformed as by a reduction over a single element (onnxruntime:
+ReduceSumSquare squares, ReduceL1/L2 take |x|, ReduceLogSum takes log x, the rest copy).
+Reductions over an empty set give onnxruntime's identities: Sum/Mean/L1/L2/SumSquare 0,
+Prod 1, Max -inf, Min +inf, LogSum and LogSumExp -inf. Integer inputs keep their dtype
+(integer ReduceMean truncates, as onnxruntime's C++ division does).
 """
 
 from __future__ import annotations
@@ -56,23 +58,49 @@ def _prod(x, axes):
     return y
 
 
+def _count(x, axes) -> int:
+    count = 1
+    for a in axes:
+        count *= x.shape[a]
+    return count
+
+
+def _reduced_shape(x, axes) -> list[int]:
+    return [1 if i in axes else d for i, d in enumerate(x.shape)]
+
+
 def _mean(x, axes):
     if not axes:
         return x.clone()
+    count = _count(x, axes)
+    if count == 0:  # onnxruntime: 0, not nan
+        return x.new_zeros(_reduced_shape(x, axes))
     if _is_int(x):
-        count = 1
-        for a in axes:
-            count *= x.shape[a]
         return torch.div(_sum(x, axes), count, rounding_mode="trunc")
     return x.mean(dim=axes, keepdim=True)
 
 
+def _extreme(x, axes, largest: bool):
+    if not axes:
+        return x.clone()
+    if _count(x, axes) == 0:  # onnxruntime: the identity of max/min
+        if x.dtype == torch.bool:
+            fill = not largest
+        elif _is_int(x):
+            info = torch.iinfo(x.dtype)
+            fill = info.min if largest else info.max
+        else:
+            fill = -float("inf") if largest else float("inf")
+        return torch.full(_reduced_shape(x, axes), fill, dtype=x.dtype, device=x.device)
+    return x.amax(dim=axes, keepdim=True) if largest else x.amin(dim=axes, keepdim=True)
+
+
 def _max(x, axes):
-    return x.amax(dim=axes, keepdim=True) if axes else x.clone()
+    return _extreme(x, axes, True)
 
 
 def _min(x, axes):
-    return x.amin(dim=axes, keepdim=True) if axes else x.clone()
+    return _extreme(x, axes, False)
 
 
 def _float_op(fn):
@@ -92,6 +120,8 @@ def _l1(x, axes):
 def _l2(x, axes):
     if not axes:
         return x.abs()
+    if _count(x, axes) == 0:
+        return x.new_zeros(_reduced_shape(x, axes))
     # vector_norm's gradient at 0 is 0 (sqrt(sum(x*x)) would give nan there).
     return torch.linalg.vector_norm(x, 2, dim=axes, keepdim=True)
 
@@ -103,7 +133,11 @@ def _log_sum(x, axes):
 
 @_float_op
 def _log_sum_exp(x, axes):
-    return torch.logsumexp(x, dim=axes, keepdim=True) if axes else x.clone()
+    if not axes:
+        return x.clone()
+    if _count(x, axes) == 0:
+        return torch.full(_reduced_shape(x, axes), -float("inf"), dtype=x.dtype, device=x.device)
+    return torch.logsumexp(x, dim=axes, keepdim=True)
 
 
 def _sum_square(x, axes):
@@ -121,8 +155,8 @@ _REDUCTIONS = {
 def _make_reduce(fn, from_input: bool):
     def reduce(ctx, x, axes_input=None):
         axes = _axes(ctx, x, axes_input, from_input)
-        if axes is None:
-            return x
+        if axes is None:  # noop_with_empty_axes: only the elementwise part, as onnxruntime
+            return fn(x, [])
         keepdims = bool(ctx.attr("keepdims", 1))
         return _finish(fn(x, axes), axes, keepdims)
     return reduce

@@ -202,12 +202,13 @@ def _slice(x: torch.Tensor, starts: list[int], ends: list[int], axes: list[int] 
         if count == 0:
             index[axis] = slice(0, 0)
         elif step > 0:
-            index[axis] = slice(start, start + (count - 1) * step + 1, step)
+            # A single element: step 1 (a huge step would overflow torch's stride arithmetic).
+            index[axis] = slice(start, start + (count - 1) * step + 1, step if count > 1 else 1)
         else:
             backwards.append((axis, start, step, count))
     y = x[tuple(index)] if rank else x
     for axis, start, step, count in backwards:
-        rows = torch.arange(start, start + step * count, step, device=x.device)
+        rows = torch.arange(count, device=x.device) * step + start  # arange(start, end, huge step) overflows
         y = y.index_select(axis, rows)
     return y
 
@@ -272,7 +273,7 @@ def gather(ctx, data, indices):
     size = data.shape[axis]
     idx = _indices(indices, size, data.device)
     out = data.index_select(axis, idx.reshape(-1))
-    return out.reshape(*data.shape[:axis], *indices.shape, *data.shape[axis + 1:])
+    return out.reshape([*data.shape[:axis], *indices.shape, *data.shape[axis + 1:]])
 
 
 @register("GatherElements", since=11)
@@ -306,7 +307,7 @@ def gather_nd(ctx, data, indices):
     lin = _linear_nd(indices, tuple(data.shape[b:b + k]), data.device).reshape(n_batch, -1)
     batch_ix = torch.arange(n_batch, device=data.device).unsqueeze(1)
     out = rows[batch_ix, lin]  # [n_batch, M, R]
-    return out.reshape(*batch, *indices.shape[b:-1], *slice_dims)
+    return out.reshape([*batch, *indices.shape[b:-1], *slice_dims])
 
 
 _INDEX_REDUCE = {"mul": "prod", "max": "amax", "min": "amin"}
@@ -325,7 +326,8 @@ def scatter_nd(ctx, data, indices, updates):
     elif reduction == "add":
         out = rows.index_add(0, lin, upd)
     elif reduction in _INDEX_REDUCE:
-        out = rows.index_reduce(0, lin, upd, _INDEX_REDUCE[reduction], include_self=True)
+        target = lin.unsqueeze(1).expand(-1, rows.shape[1])
+        out = rows.scatter_reduce(0, target, upd, _INDEX_REDUCE[reduction], include_self=True)
     else:
         raise ValueError(f"ScatterND: unknown reduction {reduction!r}")
     return out.reshape(data.shape)
@@ -377,25 +379,23 @@ def constant_of_shape(ctx, shape_):
 @register("Range", since=11)
 def range_(ctx, start, limit, delta):
     dtype = start.dtype
-    s, l, d = (t.reshape(()).item() for t in (start, limit, delta))
-    if d == 0:
+    first, last, step = (t.reshape(()).item() for t in (start, limit, delta))
+    if step == 0:
         raise ValueError("Range: delta 0")
-    if dtype.is_floating_point:
-        # onnxruntime: n = ceil(double(limit - start) / delta), the difference in the dtype.
-        diff = (limit.reshape(()) - start.reshape(())).to(torch.float64).item()
-        n = max(0, math.ceil(diff / d))
-    else:
-        n = max(0, -(-(l - s) // d))
     device = _run_device(ctx, start.device)
-    if dtype.is_floating_point:
-        # onnxruntime accumulates (value = start; value += delta) in the dtype; numpy's cumsum
-        # does the same sequential float accumulation (torch's CPU cumsum uses double).
-        np_dtype = start.detach().cpu().numpy().dtype
-        terms = np.full(n, d, dtype=np_dtype)
-        if n:
-            terms[0] = s
-        return torch.from_numpy(np.cumsum(terms, dtype=np_dtype)).to(device)
-    return s + torch.arange(n, dtype=dtype, device=device) * d
+    if not dtype.is_floating_point:
+        n = max(0, -(-(last - first) // step))
+        return first + torch.arange(n, dtype=dtype, device=device) * step
+    # onnxruntime: n = ceil(double(limit - start) / delta) with the difference taken in the
+    # dtype, then value = start; value += delta accumulated in the dtype. numpy's cumsum
+    # accumulates the same way (torch's CPU cumsum accumulates in double).
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    diff = float(np.asarray(last, np_dtype) - np.asarray(first, np_dtype))
+    n = max(0, math.ceil(diff / step))
+    terms = np.full(n, step, dtype=np_dtype)
+    if n:
+        terms[0] = first
+    return torch.from_numpy(np.cumsum(terms, dtype=np_dtype)).to(device)
 
 
 @register("Identity", since=1)
