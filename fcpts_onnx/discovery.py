@@ -190,6 +190,38 @@ def _weight_input_indices(node: onnx.NodeProto, index: GraphIndex) -> list[int]:
     return []
 
 
+def _cast_fed_weights(node: onnx.NodeProto, label: str, index: GraphIndex) -> list[SkippedWeight]:
+    """Constant weights that reach a prunable node only through a Cast: listed, not pruned.
+
+    Exporters do this for half-precision storage (a bf16 initializer cast to float). The
+    values could be pruned, but write-back would then have to reason through the Cast; we
+    say so rather than pass over the weight in silence.
+    """
+    out = []
+    for k in range(min(2, len(node.input))):
+        _, stopped_by = index.resolve(node.input[k])
+        if stopped_by != "Cast":
+            continue
+        cast = index.graph.node[index.producers[_resolve_name(node.input[k], index)]]
+        source, _ = index.resolve(cast.input[0])
+        if source is not None:
+            out.append(SkippedWeight(source.name, node.op_type, label,
+                                     "reaches the node through a Cast; only weights read directly are pruned"))
+    return out
+
+
+def _resolve_name(name: str, index: GraphIndex) -> str:
+    """Follow Identity nodes to the name of the value that feeds them."""
+    seen = set()
+    while name in index.producers and name not in seen:
+        seen.add(name)
+        node = index.graph.node[index.producers[name]]
+        if node.op_type != "Identity":
+            return name
+        name = node.input[0]
+    return name
+
+
 def _dequantize_fed(node: onnx.NodeProto, index: GraphIndex) -> bool:
     for name in node.input[:2]:
         _, stopped_by = index.resolve(name)
@@ -349,7 +381,10 @@ def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
             continue
         if node.op_type not in PRUNABLE_OP_TYPES or node.domain not in ("", "ai.onnx"):
             continue
-        for k in _weight_input_indices(node, index):
+        indices = _weight_input_indices(node, index)
+        if not indices:
+            skipped.extend(_cast_fed_weights(node, label, index))
+        for k in indices:
             source, _ = index.resolve(node.input[k])
             tensor = source.tensor(model)
             shape = tuple(int(d) for d in tensor.dims)

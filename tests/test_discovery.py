@@ -286,13 +286,15 @@ def test_1d_float_weight_is_skipped_with_reason():
 
 @pytest.mark.parametrize("op", ["MatMul", "Conv"])
 def test_weight_behind_cast_is_not_a_constant_weight(op):
-    """Discovery follows Identity only: a bf16 weight cast to float is computed, not prunable."""
+    """Discovery follows Identity only: a bf16 weight cast to float is listed as skipped, not pruned."""
     model = G.bf16_cast_matmul(op=op)
     onnx.checker.check_model(model, full_check=True)
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     _ort_runs(model, {"x": np.ones(shape, np.float32)})
     found = discover(model)  # a Conv used to crash here (AttributeError on a non-constant weight)
-    assert found.weights == [] and found.skipped == []
+    assert found.weights == []
+    assert len(found.skipped) == 1 and "Cast" in found.skipped[0].reason
+    assert found.skipped[0].op_type == op
 
 
 def test_conv_weight_from_graph_input_is_not_prunable():

@@ -38,8 +38,8 @@ class LearnOptions:
 
     iters: int | None = None
     batch_size: int = 64
-    lr: float = 1e-4
-    threshold_lr: float = 0.02
+    lr: float = 1e-3
+    threshold_lr: float = 0.05
     lambda_: float = 1.0
     constraint: str = "projected"
     temperature: float = 4.0
