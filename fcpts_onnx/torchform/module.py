@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..discovery import ConstantSource, GraphIndex, PrunableWeight, locate_tensor
-from ..errors import UnsupportedModelError
+from ..errors import FcptsError, UnsupportedModelError
 from . import ops  # noqa: F401  (registers the operators)
 from .registry import NodeContext, OpFn, decode_attribute, resolve
 
@@ -275,6 +275,8 @@ class OnnxModule(nn.Module):
                 args.pop()
             try:
                 result = step.fn(step.ctx, *args)
+            except FcptsError:
+                raise  # an op refusing a configuration it cannot reproduce: already a user-facing message
             except Exception as exc:
                 raise NodeExecutionError(step.ctx, exc) from exc
             if not isinstance(result, (tuple, list)):
