@@ -191,22 +191,24 @@ def _weight_input_indices(node: onnx.NodeProto, index: GraphIndex) -> list[int]:
 
 
 def _cast_fed_weights(node: onnx.NodeProto, label: str, index: GraphIndex) -> list[SkippedWeight]:
-    """Constant weights that reach a prunable node only through a Cast: listed, not pruned.
+    """Constant weights that reach a prunable node only through a Cast or Transpose: listed, not pruned.
 
-    Exporters do this for half-precision storage (a bf16 initializer cast to float). The
-    values could be pruned, but write-back would then have to reason through the Cast; we
-    say so rather than pass over the weight in silence.
+    Exporters do this for half-precision storage (a bf16 initializer cast to float) and, with
+    the dynamo exporter's optimizer off, for Linear layers (MatMul(x, Transpose(W))). The
+    values could be pruned, but MACs and channel axes would have to reason through the op;
+    we say so rather than pass over the weight in silence.
     """
     out = []
     for k in range(min(2, len(node.input))):
         _, stopped_by = index.resolve(node.input[k])
-        if stopped_by != "Cast":
+        if stopped_by not in ("Cast", "Transpose"):
             continue
         cast = index.graph.node[index.producers[_resolve_name(node.input[k], index)]]
         source, _ = index.resolve(cast.input[0])
         if source is not None:
             out.append(SkippedWeight(source.name, node.op_type, label,
-                                     "reaches the node through a Cast; only weights read directly are pruned"))
+                                     f"reaches the node through a {stopped_by}; only weights read directly "
+                                     "(or through Identity) are pruned"))
     return out
 
 
