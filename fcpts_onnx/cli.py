@@ -15,7 +15,7 @@ from .config import SparsifyOptions
 from .errors import FcptsError, OptionError
 from .images import ImageFolder
 from .inspection import format_inspection, inspect_model
-from .learner.options import DEFAULT_ITERS, LOSS_KINDS, LearnOptions
+from .learner.options import CONSTRAINTS, DEFAULT_ITERS, LOSS_KINDS, LearnOptions
 
 
 def _op_types(text: str) -> tuple[str, ...]:
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"learning rate of the log-thresholds (default {LearnOptions.threshold_lr:g})")
     learn.add_argument("--lambda", dest="lambda_", type=float, default=LearnOptions.lambda_,
                        help=f"weight of the global sparsity constraint (default {LearnOptions.lambda_:g})")
+    learn.add_argument("--constraint", choices=CONSTRAINTS, default=LearnOptions.constraint,
+                       help="projected: allocation moves on the target surface (default); penalty: the "
+                            "reference's L_rec + lambda * |s - S|")
     learn.add_argument("--temperature", type=float, default=LearnOptions.temperature,
                        help=f"distillation temperature on logits (default {LearnOptions.temperature:g})")
     learn.add_argument("--loss", choices=LOSS_KINDS, default="auto",
@@ -132,8 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep = opt.add_mutually_exclusive_group()
     rep.add_argument("--report", metavar="PATH", help="JSON report (default OUTPUT stem + .report.json)")
     rep.add_argument("--no-report", action="store_true", help="write no JSON report")
+    opt.add_argument("--store", choices=("dense", "sparse"), default="dense",
+                     help="sparse: write pruned weights as ONNX sparse tensors (graph.sparse_initializer) where "
+                          "that is smaller (default dense)")
+    opt.add_argument("--bench", action="store_true",
+                     help="benchmark input vs output at the end (onnxruntime, deepsparse if set up; batch 1 and 16, "
+                          "about 1 s per case) and add the figures to the report")
     opt.add_argument("--json", action="store_true", help="print the JSON report on stdout instead of the table")
     opt.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+
+    from .bench.cli import add_bench_parser
+
+    add_bench_parser(sub, _shape)
 
     ins = sub.add_parser("inspect", help="show prunable layers, storage, sparsity and MACs",
                          description="Show what fcpts-onnx finds in MODEL.")
@@ -157,14 +170,14 @@ def _optimize(args: argparse.Namespace) -> int:
         raise OptionError("--shape sizes generated inputs; with --calib the data gives the shapes, drop --shape")
     learn = LearnOptions(
         iters=args.iters, batch_size=args.batch_size, lr=args.lr, threshold_lr=args.threshold_lr,
-        lambda_=args.lambda_, temperature=args.temperature, seed=args.seed, time_budget=args.time_budget,
+        lambda_=args.lambda_, constraint=args.constraint, temperature=args.temperature, seed=args.seed, time_budget=args.time_budget,
         loss=args.loss,
     )
     options = SparsifyOptions(
         sparsity=args.sparsity, method=args.method, nodes_to_exclude=tuple(args.exclude),
         op_types=args.op_types, max_layer_sparsity=args.max_layer_sparsity,
         external_data=args.external_data, reconstruct=args.reconstruct, holdout=args.holdout,
-        device=args.device, learn=learn,
+        device=args.device, learn=learn, store=args.store,
     )
     report_path = False if args.no_report else args.report
     calib = args.calib
@@ -180,6 +193,10 @@ def _optimize(args: argparse.Namespace) -> int:
             raise OptionError(f"{plot_path.parent}: plot folder does not exist; create it or choose another --plot")
     report = run(args.model, args.output, calib, options, input_shapes=shapes or None,
                  report_path=report_path, quiet=args.quiet or args.json)
+    if args.bench:
+        from .bench.cli import bench_into_report
+
+        bench_into_report(report, args, report_path)
     if plot_path is not None:
         from .plots import plot_allocation
 
@@ -213,6 +230,10 @@ def _inspect(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "bench":
+            from .bench.cli import run_bench
+
+            return run_bench(args)
         return {"optimize": _optimize, "inspect": _inspect}[args.command](args)
     except FcptsError as exc:
         print(f"fcpts-onnx: error: {exc}", file=sys.stderr)

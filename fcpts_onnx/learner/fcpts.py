@@ -6,7 +6,8 @@ One loop serves three uses:
 - reconstruction under fixed masks (after any data-free allocator): weights only, the
   same loss without the constraint term.
 
-Lifecycle: ``Learner(...)`` -> ``fit()`` -> ``result()``. The held-out split is never
+Lifecycle: ``Learner(...)`` (teacher outputs cached once) -> ``fit()`` -> a ``LearnResult``
+with exact per-layer counts and keep-masks. The held-out split is never
 learned on: it only picks the best snapshot (early stopping), as METHOD.md asks — judge by
 held-out fidelity, never by training loss.
 """
@@ -285,8 +286,8 @@ class Learner:
         The reconstruction gradient of each log-threshold, g_l = dL_rec/dtheta_l, is divided by
         the bridge's c_l = d(global sparsity)/dtheta_l: u_l is the marginal loss of making the
         network sparser through layer l. Layers where that is dear get denser, cheap ones
-        sparser; then one common shift of all log-thresholds (Newton steps on exact counts,
-        c_l as the slope) restores the global target. Fixed points satisfy u_l = const, the
+        sparser; then one common shift of all log-thresholds (bisection, see
+        ``_shift_to_target``) restores the global target. Fixed points satisfy u_l = const, the
         optimality condition of min L_rec s.t. global sparsity = S. The penalty form of the
         reference code lands near S only when lambda happens to match the loss scale; this
         keeps the trained network at the target all along.
