@@ -1,7 +1,8 @@
 """The reconstruction loss: how far the sparse network's outputs are from the dense teacher's.
 
 Classification logits: KL(softmax(z_dense / T) || softmax(z_sparse / T)) * T^2 (T = 4 in the
-reference). Any other float output: squared error normalised by the teacher's energy.
+reference). Outputs that are already distributions (a softmax ends the graph): KL of the
+distributions. Any other float output: squared error normalised by the teacher's energy.
 Several outputs: the sum. Integer/bool outputs carry no gradient and are left out.
 """
 
@@ -19,13 +20,28 @@ def is_logits(t: torch.Tensor) -> bool:
     return t.is_floating_point() and t.dim() == 2 and t.shape[1] >= 2
 
 
+def is_probabilities(t: torch.Tensor) -> bool:
+    """The last axis is a distribution (a softmax ends the graph): compare as distributions."""
+    if not t.is_floating_point() or t.dim() < 2 or t.shape[-1] < 2 or t.numel() == 0:
+        return False
+    if float(t.min()) < 0 or float(t.max()) > 1 + 1e-4:
+        return False
+    return bool(torch.allclose(t.sum(dim=-1), torch.ones((), dtype=t.dtype, device=t.device), atol=1e-3))
+
+
 def output_loss_kinds(teacher: Mapping[str, torch.Tensor], kind: str = "auto") -> dict[str, str]:
-    """The loss used for each float output: "kl" for logits-like ones under "auto"."""
+    """The loss of each float output under "auto": "kl" for logits, "kl_prob" for
+    probabilities (softmax outputs), "nmse" otherwise."""
     kinds = {}
     for name, t in teacher.items():
         if not t.is_floating_point():
             continue
-        kinds[name] = ("kl" if is_logits(t) else "nmse") if kind == "auto" else kind
+        if kind != "auto":
+            kinds[name] = "kl_prob" if kind == "kl" and is_probabilities(t) else kind
+        elif is_probabilities(t):
+            kinds[name] = "kl_prob"
+        else:
+            kinds[name] = "kl" if is_logits(t) else "nmse"
     return kinds
 
 
@@ -38,6 +54,10 @@ def distillation_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str,
             s2, t2 = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
             loss = F.kl_div(F.log_softmax(s2 / temperature, dim=-1), F.log_softmax(t2 / temperature, dim=-1),
                             reduction="batchmean", log_target=True) * temperature**2
+        elif kind == "kl_prob":
+            # The graph already applied the softmax: KL of the distributions, mean over positions.
+            p = t.clamp_min(1e-12)
+            loss = (p * (p.log() - s.clamp_min(1e-12).log())).sum(dim=-1).mean()
         else:
             loss = (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
         total = loss if total is None else total + loss

@@ -1,0 +1,76 @@
+"""Text-line images for the PaddleOCR models shipped in rapidocr-onnxruntime.
+
+Rendered with the DejaVu Sans font that matplotlib ships (no download): random words,
+digits and punctuation, dark text on a light, slightly noisy background, at random sizes
+and offsets, some rotated by 180 degrees (what the orientation classifier detects).
+Preprocessed as PaddleOCR does: resize to height 48 keeping the aspect ratio, pad right to
+the target width, (x / 255 - 0.5) / 0.5, NCHW float32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+WORDS = ("sparse model onnx runtime weight layer prune calibrate invoice total amount date "
+         "receipt order number street city phone email price quantity tax paid card bank "
+         "account name address road north south east west station hotel coffee market").split()
+
+
+def rapidocr_models() -> Path | None:
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(spec.submodule_search_locations[0]) / "models"
+
+
+def _font(size: int):
+    import matplotlib
+    from PIL import ImageFont
+
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    return ImageFont.truetype(str(path), size)
+
+
+def text_lines(n: int, *, width: int = 320, height: int = 48, seed: int = 0,
+               rotated_fraction: float = 0.0) -> np.ndarray:
+    """``n`` preprocessed text-line images, float32 [n, 3, height, width]."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, 3, height, width), dtype=np.float32)
+    for i in range(n):
+        words = [str(rng.choice(WORDS)) for _ in range(rng.integers(1, 4))]
+        if rng.random() < 0.5:
+            words.append(f"{rng.integers(0, 10**rng.integers(1, 6))}")
+        text = " ".join(words)
+        font = _font(int(rng.integers(26, 40)))
+        left, top, right, bottom = font.getbbox(text)
+        canvas = Image.new("RGB", (right + 16, bottom + 12), tuple(int(v) for v in rng.integers(200, 256, 3)))
+        ink = tuple(int(v) for v in rng.integers(0, 80, 3))
+        ImageDraw.Draw(canvas).text((8 - left, 6 - top // 2), text, font=font, fill=ink)
+        if rng.random() < rotated_fraction:
+            canvas = canvas.rotate(180)
+        w = max(1, min(width, round(canvas.width * height / canvas.height)))
+        canvas = canvas.resize((w, height), Image.BILINEAR)
+        array = np.asarray(canvas, dtype=np.float32)
+        array = array + rng.normal(0, 4, array.shape)
+        padded = np.zeros((height, width, 3), dtype=np.float32)
+        padded[:, :w] = (np.clip(array, 0, 255) / 255.0 - 0.5) / 0.5
+        out[i] = padded.transpose(2, 0, 1)
+    return out
+
+
+def ctc_greedy(probs: np.ndarray) -> list[tuple[int, ...]]:
+    """Greedy CTC decoding (blank = 0): the label sequence each line reads as."""
+    out = []
+    for row in probs.argmax(axis=-1):
+        seq, prev = [], 0
+        for c in row:
+            if c != prev and c != 0:
+                seq.append(int(c))
+            prev = c
+        out.append(tuple(seq))
+    return out
