@@ -15,7 +15,7 @@ from .config import SparsifyOptions
 from .errors import FcptsError, OptionError
 from .images import ImageFolder
 from .inspection import format_inspection, inspect_model
-from .learner.options import CONSTRAINTS, DEFAULT_ITERS, LOSS_KINDS, LearnOptions
+from .learner.options import CONSTRAINTS, DEFAULT_ITERS, INITS, LOSS_KINDS, LearnOptions
 
 
 def _op_types(text: str) -> tuple[str, ...]:
@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--constraint", choices=CONSTRAINTS, default=LearnOptions.constraint,
                        help="projected: allocation moves on the target surface (default); penalty: the "
                             "reference's L_rec + lambda * |s - S|")
+    learn.add_argument("--init", choices=INITS, default=LearnOptions.init,
+                       help="fcpts starting allocation; best (default) picks the data-free allocation "
+                            "with the lowest held-out loss")
     learn.add_argument("--temperature", type=float, default=LearnOptions.temperature,
                        help=f"distillation temperature on logits (default {LearnOptions.temperature:g})")
     learn.add_argument("--loss", choices=LOSS_KINDS, default="auto",
@@ -170,7 +173,7 @@ def _optimize(args: argparse.Namespace) -> int:
         raise OptionError("--shape sizes generated inputs; with --calib the data gives the shapes, drop --shape")
     learn = LearnOptions(
         iters=args.iters, batch_size=args.batch_size, lr=args.lr, threshold_lr=args.threshold_lr,
-        lambda_=args.lambda_, constraint=args.constraint, temperature=args.temperature, seed=args.seed, time_budget=args.time_budget,
+        lambda_=args.lambda_, constraint=args.constraint, init=args.init, temperature=args.temperature, seed=args.seed, time_budget=args.time_budget,
         loss=args.loss,
     )
     options = SparsifyOptions(

@@ -9,6 +9,7 @@ from ..errors import OptionError
 
 LOSS_KINDS = ("auto", "kl", "nmse")
 CONSTRAINTS = ("projected", "penalty")
+INITS = ("best", "erk", "global", "lamp", "uniform")
 DEFAULT_ITERS = 300
 
 
@@ -22,6 +23,8 @@ class LearnOptions:
         lr: learning rate of weights, biases and normalisation parameters (Adam).
         threshold_lr: learning rate of the log-thresholds (Adam).
         lambda_: weight of the global constraint |sum N_l s_l / N - S| (penalty form).
+        init: starting allocation of fcpts: "erk" (METHOD.md), "global", "lamp", "uniform",
+            or "best" (default): whichever of those is best on the held-out split.
         constraint: "projected" (default: allocation steps on the constraint surface, the
             target held at every step) or "penalty" (the reference: L_rec + lambda * |s - S|,
             Adam on the thresholds).
@@ -42,6 +45,7 @@ class LearnOptions:
     threshold_lr: float = 0.05
     lambda_: float = 1.0
     constraint: str = "projected"
+    init: str = "best"
     temperature: float = 4.0
     seed: int = 0
     time_budget: float | None = None
@@ -71,6 +75,8 @@ class LearnOptions:
             raise OptionError(f"--lambda must be >= 0 (got {self.lambda_!r})")
         if self.constraint not in CONSTRAINTS:
             raise OptionError(f"--constraint must be one of {', '.join(CONSTRAINTS)} (got {self.constraint!r})")
+        if self.init not in INITS:
+            raise OptionError(f"--init must be one of {', '.join(INITS)} (got {self.init!r})")
         if self.loss not in LOSS_KINDS:
             raise OptionError(f"--loss must be one of {', '.join(LOSS_KINDS)} (got {self.loss!r})")
         if not 0 <= self.final_tune_fraction < 1:

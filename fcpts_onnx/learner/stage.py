@@ -56,7 +56,12 @@ def learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, tr
     trainable = build_trainable(loaded, found, train, device=device)
     module = trainable.module
     learned = method == "fcpts"
-    initial = allocate("erk" if learned else method, problem)
+    if learned:
+        starts = [options.init] if options.init != "best" else ["erk", "global", "lamp", "uniform"]
+        candidates = {name: allocate(name, problem) for name in starts}
+    else:
+        candidates = {method: allocate(method, problem)}
+    initial = next(iter(candidates.values()))
 
     def to_device(cal: CalibrationSet) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in cal.arrays.items()}
@@ -76,6 +81,7 @@ def learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, tr
         learner = Learner(module, found.weights, problem, initial, to_device(train),
                           to_device(calibration.take(holdout_idx)), LearnOptions(**run_options),
                           attrs_of=attrs_of, progress=update)
+        start_losses = learner.choose_start(candidates) if len(candidates) > 1 else {}
         result = learner.fit()
     finally:
         close()
@@ -109,7 +115,10 @@ def learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, tr
         "best_step": result.best_step,
         "seconds": round(result.seconds, 3),
         "step_time_s": round(result.step_time_s, 5),
-        "initial_allocation": "erk" if learned else method,
+        "initial_allocation": learner.start_name if len(candidates) > 1 else next(iter(candidates)),
+        "start_candidates_holdout_loss": start_losses,
+        # True when the target was too high to keep one weight in every output channel
+        "channel_protection_relaxed": bool(learner.protection_relaxed),
         "initial_sparsity": result.initial_sparsity,
         "learned_sparsity": result.learned_sparsity if learned else None,
         "final_sparsity": [int(k) / n for k, n in zip(result.counts, sizes)],
