@@ -26,6 +26,7 @@ from .learner.options import LearnOptions
 from .masks import magnitude, zero_smallest
 from .onnx_io import LoadedModel, check_output_path, check_report_path, load_model, sha256_of, staged_output
 from .report import LayerRow, Report
+from .sparse_storage import to_sparse_storage
 from .verify import check_model_file, count_zeros_in_file, fidelity, run_onnxruntime
 from .writeback import apply_updates
 
@@ -95,6 +96,7 @@ def sparsify(
     device: str = "cpu",
     learn: LearnOptions | None = None,
     show_progress: bool = False,
+    store: str = "dense",
 ) -> Report:
     """Sparsify an ONNX model to an exact global sparsity and write a verified copy.
 
@@ -119,6 +121,8 @@ def sparsify(
         device: "cpu" or "cuda" for learning.
         learn: learner options (iterations, time budget, learning rates, lambda, seed, ...).
         show_progress: draw a progress bar on stderr while learning.
+        store: "dense" (ordinary tensors) or "sparse": pruned weights whose non-zeros take fewer
+            bytes that way are written as ONNX sparse tensors (graph.sparse_initializer).
 
     Returns:
         The :class:`~fcpts_onnx.report.Report`, also written as JSON unless report_path is False.
@@ -130,7 +134,7 @@ def sparsify(
         sparsity=sparsity, method=method, nodes_to_exclude=tuple(nodes_to_exclude),
         op_types=tuple(op_types) if op_types is not None else None,
         max_layer_sparsity=max_layer_sparsity, batch_size=batch_size, external_data=external_data,
-        reconstruct=reconstruct, holdout=holdout, device=device, learn=learn or LearnOptions(),
+        reconstruct=reconstruct, holdout=holdout, device=device, learn=learn or LearnOptions(), store=store,
     )
     return run(model_input, model_output, calibration_data, options,
                input_shapes=input_shapes, report_path=report_path, quiet=not show_progress)
@@ -218,8 +222,14 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
         "target_sparsity": repr(options.sparsity),
         "achieved_sparsity": f"{achieved:.8f}", "zeros": f"{problem.n_zeros}/{problem.total}",
     }
+    if options.store == "sparse":
+        metadata["store"] = "sparse"
     with timer.stage("write_back"):
         out_model = apply_updates(loaded.model, updates, metadata)
+        if options.store == "sparse":
+            stored = to_sparse_storage(out_model, found.weights)
+            notes.append(f"--store sparse: {len(stored.converted)} of {len(found.weights)} pruned weights written "
+                         f"as sparse tensors ({stored.dense_bytes:,} -> {stored.sparse_bytes:,} bytes of data)")
     del updates
     external = options.external_data if options.external_data is not None else loaded.has_external_data
 

@@ -9,6 +9,7 @@ from .errors import OptionError
 from .learner.options import LearnOptions
 
 LEARNED_METHODS = ("fcpts",)
+STORE_FORMS = ("dense", "sparse")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class SparsifyOptions:
             stopping and the fidelity report (at least HOLDOUT_MIN samples).
         device: where learning runs: "cpu" or "cuda".
         learn: the learner's options (iterations, learning rates, lambda, ...).
+        store: "dense" writes pruned weights as ordinary tensors; "sparse" stores each pruned
+            weight whose non-zeros take fewer bytes that way as an ONNX sparse tensor
+            (graph.sparse_initializer, or a Constant's sparse_value).
     """
 
     sparsity: float = 0.8
@@ -47,6 +51,7 @@ class SparsifyOptions:
     holdout: float = 0.1
     device: str = "cpu"
     learn: LearnOptions = field(default_factory=LearnOptions)
+    store: str = "dense"
 
     def __post_init__(self) -> None:
         s = self.sparsity
@@ -64,6 +69,8 @@ class SparsifyOptions:
             ops = (self.op_types,) if isinstance(self.op_types, str) else tuple(self.op_types)
             object.__setattr__(self, "op_types", ops)
 
+        if self.store not in STORE_FORMS:
+            raise OptionError(f"--store must be one of {', '.join(STORE_FORMS)} (got {self.store!r})")
         if not isinstance(self.holdout, (int, float)) or not 0 < self.holdout < 1:
             raise OptionError(f"--holdout must be a fraction in (0, 1) (got {self.holdout!r}); default 0.1")
 

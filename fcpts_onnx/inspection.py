@@ -14,6 +14,7 @@ from .discovery import assign_macs, discover
 from .masks import count_zeros
 from .onnx_io import load_model
 from .report import _fmt_count, _short, format_layer_table
+from .sparse_storage import densify
 
 
 def inspect_model(model_path: str | Path, *, nodes_to_exclude: tuple[str, ...] = (),
@@ -24,7 +25,7 @@ def inspect_model(model_path: str | Path, *, nodes_to_exclude: tuple[str, ...] =
     ``input_shapes`` pins dynamic input dims (full shapes, batch first) so MACs can be counted.
     """
     loaded = load_model(model_path)
-    model = loaded.model
+    model = densify(loaded.model)  # weights written by --store sparse are read as the dense tensors they are
     found = discover(model, exclude=nodes_to_exclude, op_types=op_types, external=loaded.external_tensors)
     if input_shapes:
         specs = graph_inputs(model)

@@ -51,6 +51,7 @@ class Report:
     timings_s: dict[str, float]
     notes: list[str] = field(default_factory=list)
     learning: dict | None = None  # the learner's record (fcpts or reconstruction); None for data-free runs
+    bench: dict | None = None  # `optimize --bench`: fcpts_onnx.bench's JSON (BenchResult.to_dict())
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,4 +139,8 @@ def format_summary(report: Report) -> str:
     for note in report.notes:
         lines.append(f"note: {note}")
     lines.append(f"wrote {report.output_path}")
+    if report.bench is not None:
+        from .bench.report import format_bench
+
+        lines += ["", format_bench(report.bench)]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ import onnx
 from .calibration import CalibrationSet
 from .discovery import PrunableWeight
 from .errors import UnsupportedModelError, VerificationError
+from .sparse_storage import stored_values
 
 
 def _first_line(exc: BaseException) -> str:
@@ -75,8 +76,10 @@ def count_zeros_in_file(path: str | os.PathLike, weights: list[PrunableWeight]) 
     model = onnx.load_model(str(path), load_external_data=True)
     counts = {}
     for w in weights:
-        tensor = w.tensor(model)
-        values = onnx.numpy_helper.to_array(tensor)
+        try:
+            values = stored_values(model, w)  # dense or sparse_initializer / sparse_value storage
+        except KeyError:
+            raise VerificationError(f"written model has no weight {w.name!r}; this is a bug") from None
         if values.shape != w.shape:
             raise VerificationError(f"written weight {w.name!r} has shape {values.shape}, expected {w.shape}")
         counts[w.name] = (int(np.count_nonzero(values.reshape(-1) == 0)), int(values.size))
@@ -92,8 +95,8 @@ class OutputFidelity:
     nmse: float | None  # sum((s - d)^2) / sum(d^2)
     cosine: float | None  # mean over samples of cos(s, d)
     max_abs_diff: float | None
-    top1_agreement: float | None  # classifiers: share of samples whose argmax matches
-    kl: float | None  # classifiers: mean KL(softmax(d) || softmax(s))
+    top1_agreement: float | None  # classifiers: share of samples (or positions) whose argmax matches
+    kl: float | None  # classifiers: mean KL(softmax(d) || softmax(s)), or of the probabilities
     exact_match: float | None  # non-float outputs: share of equal elements
 
     def to_dict(self) -> dict:
@@ -101,7 +104,17 @@ class OutputFidelity:
 
 
 def looks_like_logits(array: np.ndarray) -> bool:
+    """[batch, classes] float scores: a classifier's output."""
     return np.issubdtype(array.dtype, np.floating) and array.ndim == 2 and array.shape[1] >= 2
+
+
+def looks_like_probabilities(array: np.ndarray) -> bool:
+    """Float output whose last axis is a distribution (a softmax at the end: OCR, segmentation)."""
+    if not np.issubdtype(array.dtype, np.floating) or array.ndim < 2 or array.shape[-1] < 2 or not array.size:
+        return False
+    if array.min() < 0 or array.max() > 1 + 1e-4:
+        return False
+    return bool(np.allclose(array.sum(axis=-1), 1.0, atol=1e-3))
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -126,7 +139,12 @@ def fidelity(dense: dict[str, np.ndarray], sparse: dict[str, np.ndarray]) -> lis
         norms = np.linalg.norm(flat_d, axis=1) * np.linalg.norm(flat_s, axis=1)
         cos = np.where(norms > 0, np.sum(flat_d * flat_s, axis=1) / np.where(norms > 0, norms, 1), 1.0)
         top1 = kl = None
-        if looks_like_logits(d):
+        if looks_like_probabilities(d):
+            # per position along the last axis (e.g. every time step of a CTC recogniser)
+            top1 = float(np.mean(d.argmax(axis=-1) == s.argmax(axis=-1)))
+            log_p, log_q = np.log(np.clip(d64, 1e-12, None)), np.log(np.clip(s64, 1e-12, None))
+            kl = float(np.mean(np.sum(d64 * (log_p - log_q), axis=-1)))
+        elif looks_like_logits(d):
             top1 = float(np.mean(d.argmax(axis=1) == s.argmax(axis=1)))
             log_p, log_q = _log_softmax(d64), _log_softmax(s64)
             kl = float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))

@@ -88,3 +88,18 @@ def test_optimize_and_verify(tmp_path, name, shape):
     assert sparse_out.shape == dense_out.shape
     assert np.isfinite(sparse_out).all()
     assert report.fidelity[0]["cosine"] is not None
+
+
+@pytest.mark.parametrize("name,shape", CASES)
+def test_trainable_form_matches_onnxruntime(tmp_path, name, shape):
+    from fcpts_onnx.inspection import inspect_parity
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=_text_like_images(shape))
+    info = inspect_parity(MODELS / name, calib)
+    parity = info["parity"]
+    assert parity["passed"], parity
+    assert all(o["relative_diff"] <= 1e-4 for o in parity["outputs"])
+    # every Constant-node weight became a parameter that writes back to its node
+    weights = [p for p in info["trainable_parameters"] if p["role"] == "weight"]
+    assert len(weights) > 40 and {p["storage"] for p in weights} == {"constant"}
