@@ -6,15 +6,14 @@ ResNet-50 (plain torch definition in tools/zoo.py, random weights), exported wit
 exporter at opset 17. Measures, on this machine:
 - conversion (load + discovery + OnnxModule) and the parity check on a batch of 8, in seconds;
 - forward+backward time per batch, executor vs native, interleaved in one process, medians;
-- peak memory of one forward+backward, each in its own subprocess: max RSS growth over the
-  state just before the step (weights and inputs already allocated).
+- peak memory of one forward+backward, each in its own subprocess: growth of the peak RSS
+  (VmHWM, reset just before the step) over the RSS with weights and inputs allocated.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,8 @@ def _export(path: Path, size: int) -> None:
     import zoo
 
     model = zoo.resnet50()
-    zoo.export(model, (torch.randn(1, 3, size, size),), path, dynamo=False, opset=17)
+    zoo.export(model, (torch.randn(1, 3, size, size),), path, dynamo=False, opset=17,
+               dynamic_axes={"input_0": {0: "batch"}})
 
 
 def _native(size: int):
@@ -68,10 +68,20 @@ def _memory_child(kind: str, path: str, batch: int, size: int, threads: int) -> 
     for p in module.parameters():
         p.requires_grad_(True)
     x = torch.randn(batch, 3, size, size)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
     _step(module, x, kind == "executor")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     print(json.dumps({"kind": kind, "growth_mib": (peak - before) / 1024}))
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         executor, proto = _executor(path)
         results["conversion_s"] = time.perf_counter() - start
-        feeds = {"input": np.random.default_rng(0).standard_normal((8, 3, args.size, args.size)).astype(np.float32)}
-        feeds = {proto.graph.input[0].name: feeds["input"]}
+        dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
+        parity_batch = dim0.dim_value if dim0.HasField("dim_value") else 8
+        shape = (parity_batch, 3, args.size, args.size)
+        feeds = {proto.graph.input[0].name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+        results["parity_batch"] = parity_batch
         start = time.perf_counter()
         parity = check_parity(proto, executor, feeds)
         results["parity_s"] = time.perf_counter() - start
