@@ -7,6 +7,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import OutputError
+
 
 @dataclass
 class LayerRow:
@@ -63,6 +65,11 @@ class Report:
         try:
             tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
             os.replace(tmp, path)
+        except OSError as exc:
+            raise OutputError(
+                f"{path}: cannot write the report ({exc.strerror or exc}); the model itself was written "
+                f"to {self.output_path}"
+            ) from None
         finally:
             tmp.unlink(missing_ok=True)
 
