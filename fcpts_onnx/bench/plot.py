@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import OptionError, OutputError
+from ..errors import OptionError
+from ..plots import save_figure
 
 
 def plot_speedups(data: dict, path: str | os.PathLike) -> Path:
@@ -53,13 +54,4 @@ def plot_speedups(data: dict, path: str | os.PathLike) -> Path:
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncols=2, frameon=False)
     ax.set_ylim(0, max([1.2] + [v * 1.15 for _, vs in series for v in vs]))
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write the plot ({exc.strerror or exc})") from None
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_figure(fig, path)
