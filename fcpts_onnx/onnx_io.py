@@ -154,13 +154,18 @@ def check_output_path(output_path: Path, input_model: LoadedModel) -> None:
         raise OutputError(
             f"{output_path}: the output would overwrite the input model; choose another path with -o"
         )
-    if output_path.is_dir():
-        raise OutputError(f"{output_path}: is a folder; give a file name such as model.sparse.onnx")
-    parent = output_path.parent
+    _check_writable(output_path, "output", "-o", "model.sparse.onnx")
+
+
+def _check_writable(path: Path, what: str, flag: str, example: str) -> None:
+    """Refuse a file path that is a folder, or whose folder is missing or read-only."""
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; give a file name such as {example}")
+    parent = path.parent
     if not parent.is_dir():
-        raise OutputError(f"{parent}: output folder does not exist; create it or choose another -o")
+        raise OutputError(f"{parent}: {what} folder does not exist; create it or choose another {flag}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{parent}: output folder is not writable; choose another -o")
+        raise OutputError(f"{parent}: {what} folder is not writable; choose another {flag}")
 
 
 def check_report_path(report_path: Path, output_path: Path, input_model: LoadedModel) -> None:
@@ -170,13 +175,7 @@ def check_report_path(report_path: Path, output_path: Path, input_model: LoadedM
     models |= {(input_model.path.parent / loc).resolve() for loc in input_model.external_data_files}
     if report_path.resolve() in models:
         raise OutputError(f"{report_path}: the report would overwrite a model file; choose another --report path")
-    if report_path.is_dir():
-        raise OutputError(f"{report_path}: is a folder; give a file name such as model.report.json")
-    parent = report_path.parent
-    if not parent.is_dir():
-        raise OutputError(f"{parent}: report folder does not exist; create it or choose another --report")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{parent}: report folder is not writable; choose another --report")
+    _check_writable(report_path, "report", "--report", "model.report.json")
 
 
 @dataclass

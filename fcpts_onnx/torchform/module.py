@@ -21,13 +21,8 @@ from torch import nn
 from ..discovery import ConstantSource, GraphIndex, PrunableWeight, locate_tensor
 from ..errors import FcptsError, UnsupportedModelError
 from . import ops  # noqa: F401  (registers the operators)
+from .dtypes import to_torch
 from .registry import NodeContext, OpFn, decode_attribute, resolve
-
-# Half-precision values are computed in float32: the learner needs float32 gradients.
-_COMPUTE_DTYPE = {
-    onnx.TensorProto.FLOAT16: torch.float32,
-    onnx.TensorProto.BFLOAT16: torch.float32,
-}
 
 # Which inputs of which ops are tunable besides the prunable weights, and their role.
 _TUNABLE_INPUTS = {
@@ -35,21 +30,6 @@ _TUNABLE_INPUTS = {
     "BatchNormalization": {1: "norm", 2: "norm"}, "LayerNormalization": {1: "norm", 2: "norm"},
     "InstanceNormalization": {1: "norm", 2: "norm"}, "GroupNormalization": {1: "norm", 2: "norm"},
 }
-
-
-def torch_dtype(elem_type: int) -> torch.dtype:
-    """The torch dtype that computes an ONNX element type (fp16/bf16 -> float32)."""
-    if elem_type in _COMPUTE_DTYPE:
-        return _COMPUTE_DTYPE[elem_type]
-    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-    return torch.from_numpy(np.zeros(0, dtype=np_dtype)).dtype
-
-
-def to_torch(array: np.ndarray) -> torch.Tensor:
-    """numpy -> torch, half types upcast to float32 (bf16 arrays come from ml_dtypes)."""
-    if array.dtype == np.float16 or array.dtype.name == "bfloat16":
-        array = array.astype(np.float32)
-    return torch.from_numpy(np.array(array, copy=True))
 
 
 class NodeExecutionError(RuntimeError):

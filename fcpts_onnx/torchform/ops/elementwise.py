@@ -4,7 +4,7 @@ and logic, Where, Clip, Cast.
 Semantics follow onnxruntime's CPU kernels (numpy broadcasting, C-style integer arithmetic
 that wraps, integer Div truncating toward zero, Pow through double precision for integer
 bases, Cast rounding through float32 into half types). Float computations stay in torch so
-gradients flow; half-precision ONNX values are float32 here (see ``module.torch_dtype``), so
+gradients flow; half-precision ONNX values are float32 here (see ``dtypes.torch_dtype``), so
 the half types are only visible where a Cast rounds to them.
 
 torch computes little on uint16/uint32/uint64: those run in a wider signed type and wrap

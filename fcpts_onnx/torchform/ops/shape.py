@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 import torch
 
+from ..dtypes import to_torch, torch_dtype
 from ..registry import register, tensor_ints
 
 _INT32_MAX = 2**31 - 1
@@ -43,20 +43,6 @@ def _run_device(ctx, fallback: torch.device) -> torch.device:
     """Where created data goes: the run's device when the module says, else ``fallback``."""
     device = getattr(ctx, "device", None)
     return torch.device(device) if device is not None else fallback
-
-
-def _onnx_torch_dtype(elem_type: int) -> torch.dtype:
-    """Torch dtype computing an ONNX element type (half types computed in float32)."""
-    if elem_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
-        return torch.float32
-    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-    return torch.from_numpy(np.zeros(0, dtype=np_dtype)).dtype
-
-
-def _as_torch(array: np.ndarray) -> torch.Tensor:
-    if array.dtype == np.float16 or array.dtype.name == "bfloat16":
-        array = array.astype(np.float32)
-    return torch.from_numpy(np.array(array, copy=True))
 
 
 def _indices(indices: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
@@ -371,7 +357,7 @@ def tile(ctx, x, repeats):
 @register("ConstantOfShape", since=9)
 def constant_of_shape(ctx, shape_):
     value = ctx.attr("value", None)
-    fill = _as_torch(np.zeros(1, np.float32) if value is None else np.asarray(value)).reshape(-1)
+    fill = to_torch(np.zeros(1, np.float32) if value is None else np.asarray(value)).reshape(-1)
     device = _run_device(ctx, shape_.device)
     return torch.full(tensor_ints(shape_), fill[0].item(), dtype=fill.dtype, device=device)
 
@@ -435,7 +421,7 @@ def trilu(ctx, x, k=None):
 @register("EyeLike", since=9)
 def eye_like(ctx, x):
     elem_type = ctx.attr("dtype", None)
-    dtype = x.dtype if elem_type is None else _onnx_torch_dtype(elem_type)
+    dtype = x.dtype if elem_type is None else torch_dtype(elem_type)
     n, m = x.shape
     k = int(ctx.attr("k", 0))
     rows = torch.arange(n, device=x.device).unsqueeze(1)
