@@ -26,6 +26,7 @@ from .learner.options import LearnOptions
 from .masks import magnitude, zero_smallest
 from .onnx_io import LoadedModel, check_output_path, check_report_path, load_model, sha256_of, staged_output
 from .report import LayerRow, Report
+from .resources import check_declared_shapes, default_memory_limit, format_bytes
 from .sparse_storage import to_sparse_storage
 from .verify import check_model_file, count_zeros_in_file, fidelity, run_onnxruntime
 from .writeback import apply_updates
@@ -97,6 +98,7 @@ def sparsify(
     learn: LearnOptions | None = None,
     show_progress: bool = False,
     store: str = "dense",
+    max_memory: int | str | None = None,
 ) -> Report:
     """Sparsify an ONNX model to an exact global sparsity and write a verified copy.
 
@@ -123,6 +125,8 @@ def sparsify(
         show_progress: draw a progress bar on stderr while learning.
         store: "dense" (ordinary tensors) or "sparse": pruned weights whose non-zeros take fewer
             bytes that way are written as ONNX sparse tensors (graph.sparse_initializer).
+        max_memory: bytes, or text such as "8G": models whose declared shapes need more for one
+            tensor are refused, and the learner's batch shrinks to fit (None: 80% of what is free).
 
     Returns:
         The :class:`~fcpts_onnx.report.Report`, also written as JSON unless report_path is False.
@@ -135,6 +139,7 @@ def sparsify(
         op_types=tuple(op_types) if op_types is not None else None,
         max_layer_sparsity=max_layer_sparsity, batch_size=batch_size, external_data=external_data,
         reconstruct=reconstruct, holdout=holdout, device=device, learn=learn or LearnOptions(), store=store,
+        max_memory=max_memory,
     )
     return run(model_input, model_output, calibration_data, options,
                input_shapes=input_shapes, report_path=report_path, quiet=not show_progress)
@@ -165,6 +170,10 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
         report_path = default_report_path(output_path)
     if report_path is not False:
         check_report_path(Path(report_path), output_path, loaded)
+    memory_limit = options.max_memory or default_memory_limit(options.device)
+    # absurd declared shapes are refused before anything is allocated for them
+    check_declared_shapes(loaded.model, static_batch(loaded.model) or options.batch_size, memory_limit,
+                          loaded.path)
     with timer.stage("discover"):
         found = discover_or_refuse(loaded, options)
     with timer.stage("calibrate"):
@@ -194,10 +203,21 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
                 raise type(exc)(f"{exc}; the inputs were generated from the graph's shapes, "
                                 "give real ones with --calib or sizes with --shape") from None
             raise
+    for name, value in dense.items():
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            notes.append(f"the input model's output {name!r} is not finite (NaN or inf) on some held-out "
+                         "samples; its fidelity numbers are not meaningful")
 
     values = {w.name: w.values(loaded.model) for w in found.weights}
+    magnitudes = [magnitude(values[w.name]) for w in found.weights]
+    for w, mags in zip(found.weights, magnitudes):
+        bad = int(mags.size - np.count_nonzero(np.isfinite(mags)))
+        if bad:  # no magnitude order, and the model's outputs are not finite either
+            raise UnsupportedModelError(
+                f"weight {w.name!r} holds {bad} NaN or infinite value(s); fix the model (re-export it from "
+                f"finite weights) or leave the layer dense with --exclude '{w.name}'")
     problem = AllocationProblem(
-        magnitudes=[magnitude(values[w.name]) for w in found.weights],
+        magnitudes=magnitudes,
         shapes=[w.shape for w in found.weights],
         target=options.sparsity,
         max_layer_sparsity=options.max_layer_sparsity,
@@ -209,8 +229,17 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
             from .learner.stage import learn
 
             stage = learn(loaded, found, calibration, train_idx, holdout_idx, problem, method, reconstruct,
-                          options.learn, options.device, quiet)
+                          options.learn, options.device, quiet, memory_limit)
         counts, updates, learning = stage.counts, stage.updates, stage.report
+        memory = learning["memory"]
+        if memory["batch_size"] < memory["requested_batch_size"]:
+            notes.append(f"learning batch {memory['batch_size']} instead of {memory['requested_batch_size']}, "
+                         f"to stay within {format_bytes(memory['limit_bytes'])} (about "
+                         f"{format_bytes(memory['per_sample_bytes'])} per sample); --max-memory sets the limit")
+        if learning["limited_by_default_budget"]:
+            notes.append(f"learning ran {learning['steps']} steps ({learning['step_time_s']:.2g} s each), "
+                         f"as many as fit in the default {learning['time_budget_s']:.0f} s; "
+                         "--time-budget SECONDS or --iters N for a longer run")
     else:
         with timer.stage("allocate"):
             counts = allocate(method, problem)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .errors import CalibrationError
+from .errors import CalibrationError, UnsupportedModelError
 
 DEFAULT_DYNAMIC_DIM = 32  # generated inputs: unknown dims after the batch axis (override with shapes)
 
@@ -59,9 +59,15 @@ def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype("float32")
         dims = None
         if tt.HasField("shape"):
+            # paddle2onnx and others write -1 for a dynamic size: read any negative size as dynamic
             dims = tuple(
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+                (d.dim_value if d.dim_value >= 0 else None) if d.HasField("dim_value") else (d.dim_param or None)
+                for d in tt.shape.dim
             )
+            if dims and dims[0] == 0:
+                raise UnsupportedModelError(
+                    f"input {vi.name!r} declares the shape {list(dims)}, a batch of 0; re-export the model "
+                    "with a positive or named (dynamic) batch dimension")
         specs.append(InputSpec(vi.name, dtype, dims))
     return specs
 
@@ -282,6 +288,8 @@ def generate(specs: list[InputSpec], n_samples: int = 8, seed: int = 0,
     """
     rng = np.random.default_rng(seed)
     arrays = {}
+    batches = {spec.static_batch for spec in specs}
+    fixed = batches.pop() if len(batches) == 1 else None
     for spec in specs:
         if shapes and spec.name in shapes:
             shape = tuple(shapes[spec.name])
@@ -291,6 +299,8 @@ def generate(specs: list[InputSpec], n_samples: int = 8, seed: int = 0,
             )
         else:
             batch = spec.static_batch or n_samples
+            if fixed:  # a graph with one fixed batch B for every input takes any multiple of B samples
+                batch = -(-n_samples // fixed) * fixed
             shape = (batch,) + tuple(d if isinstance(d, int) else DEFAULT_DYNAMIC_DIM for d in spec.dims[1:])
         if np.issubdtype(spec.dtype, np.floating):
             arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from .config import SparsifyOptions
 from .errors import FcptsError, OptionError
 from .images import ImageFolder
 from .inspection import format_inspection, inspect_model
-from .learner.options import CONSTRAINTS, DEFAULT_ITERS, INITS, LOSS_KINDS, LearnOptions
+from .learner.options import CONSTRAINTS, DEFAULT_ITERS, DEFAULT_TIME_BUDGET, INITS, LOSS_KINDS, LearnOptions
 
 
 def _op_types(text: str) -> tuple[str, ...]:
@@ -102,10 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--channel-order", choices=("RGB", "BGR"), default="RGB")
     images.add_argument("--max-images", type=int, metavar="N", help="use at most N images")
     learn = opt.add_argument_group("learning (fcpts and --reconstruct)")
-    learn.add_argument("--iters", type=int, help=f"optimisation steps (default {DEFAULT_ITERS}, or sized by "
-                                                  "--time-budget)")
+    learn.add_argument("--iters", type=int, help=f"optimisation steps (default: {DEFAULT_ITERS}, or as many "
+                       f"as fit in {DEFAULT_TIME_BUDGET:.0f} s if fewer)")
     learn.add_argument("--time-budget", type=float, metavar="SECONDS",
-                       help="size the run to take about this long, from a measured step time")
+                       help="size the learning stage to take about this long, from a measured step time")
     learn.add_argument("--batch-size", type=int, default=LearnOptions.batch_size,
                        help=f"calibration samples per step (default {LearnOptions.batch_size})")
     learn.add_argument("--lr", type=float, default=LearnOptions.lr,
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of calibration samples never learned on (default 0.1)")
     learn.add_argument("--seed", type=int, default=0, help="seed of batch order and subsamples (default 0)")
     learn.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    learn.add_argument("--max-memory", metavar="SIZE",
+                       help="memory a learning step may take, e.g. 8G; the batch shrinks to fit, and models "
+                            "whose declared shapes need more are refused (default: 80%% of free memory)")
     opt.add_argument("--shape", type=_shape, action="append", default=[], metavar="NAME=DIMS",
                      help="full shape of a generated input with dynamic dims, e.g. input=8,3,224,224")
     ext = opt.add_mutually_exclusive_group()
@@ -180,7 +184,7 @@ def _optimize(args: argparse.Namespace) -> int:
         sparsity=args.sparsity, method=args.method, nodes_to_exclude=tuple(args.exclude),
         op_types=args.op_types, max_layer_sparsity=args.max_layer_sparsity,
         external_data=args.external_data, reconstruct=args.reconstruct, holdout=args.holdout,
-        device=args.device, learn=learn, store=args.store,
+        device=args.device, learn=learn, store=args.store, max_memory=args.max_memory,
     )
     report_path = False if args.no_report else args.report
     calib = args.calib
@@ -244,6 +248,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fcpts-onnx: interrupted; no output was written", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("fcpts-onnx: error: out of memory; no output was written; lower --max-memory or --batch-size, "
+              "or free memory", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug in the tool: still one line, and the way to the traceback
+        if os.environ.get("FCPTS_ONNX_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        print(f"fcpts-onnx: internal error: {type(exc).__name__}: {first}; no output was written. This is a "
+              "bug in fcpts-onnx: rerun with FCPTS_ONNX_DEBUG=1 for the traceback and report it", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

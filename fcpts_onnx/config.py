@@ -38,6 +38,9 @@ class SparsifyOptions:
         store: "dense" writes pruned weights as ordinary tensors; "sparse" stores each pruned
             weight whose non-zeros take fewer bytes that way as an ONNX sparse tensor
             (graph.sparse_initializer, or a Constant's sparse_value).
+        max_memory: bytes (or text such as "8G") the run may use for one onnxruntime batch's
+            largest tensor and for a learning step (activations, gradients, optimizer state);
+            the learner's batch shrinks to fit. None: 80% of the memory available at start.
     """
 
     sparsity: float = 0.8
@@ -52,6 +55,7 @@ class SparsifyOptions:
     device: str = "cpu"
     learn: LearnOptions = field(default_factory=LearnOptions)
     store: str = "dense"
+    max_memory: int | str | None = None
 
     def __post_init__(self) -> None:
         s = self.sparsity
@@ -69,6 +73,10 @@ class SparsifyOptions:
             ops = (self.op_types,) if isinstance(self.op_types, str) else tuple(self.op_types)
             object.__setattr__(self, "op_types", ops)
 
+        if self.max_memory is not None:
+            from .resources import parse_memory
+
+            object.__setattr__(self, "max_memory", parse_memory(self.max_memory))
         if self.store not in STORE_FORMS:
             raise OptionError(f"--store must be one of {', '.join(STORE_FORMS)} (got {self.store!r})")
         if not isinstance(self.holdout, (int, float)) or not 0 < self.holdout < 1:

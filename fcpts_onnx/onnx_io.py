@@ -95,6 +95,11 @@ def _check_location_inside(base_dir: Path, location: str, model_path: Path) -> N
         raise ModelLoadError(
             f"{model_path}: external data file {location!r} is missing; copy it next to the model"
         )
+    if (base_dir / location).is_symlink():  # onnx refuses to read external data through a link
+        raise ModelLoadError(
+            f"{model_path}: external data file {location!r} is a symbolic link, which onnx does not read; "
+            "put the real file next to the model"
+        )
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
@@ -123,13 +128,15 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     if locations:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{path}: cannot read external data ({exc}); check the data file") from None
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            first = (str(exc).strip().splitlines() or ["unreadable"])[0]
+            raise ModelLoadError(f"{path}: cannot read external data ({first}); check the data file") from None
     try:
         # The path form also works past protobuf's 2 GiB limit and checks external data.
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        # the checker's message may break mid-sentence ("of node: \n(name)"): one line, bounded
+        first = " ".join(str(exc).split())[:240] or "invalid model"
         raise ModelLoadError(
             f"{path}: fails onnx.checker ({first}); re-export the model or fix the graph"
         ) from None

@@ -137,8 +137,12 @@ def format_summary(report: Report) -> str:
             parts.append(f"exact match {f['exact_match']:.2%}")
         lines.append(f"fidelity of output {f['name']!r} vs dense: " + ", ".join(parts))
     cal = report.calibration
-    lines.append(f"on {cal['n_samples']} {'generated' if cal['generated'] else 'calibration'} samples "
-                 f"({cal['source']})")
+    kind = "generated" if cal["generated"] else "calibration"
+    if cal.get("learned_on"):
+        lines.append(f"on the {cal['held_out_samples']} of {cal['n_samples']} {kind} samples held out from learning "
+                     f"({cal['source']}; learned on the other {cal['learned_on']})")
+    else:
+        lines.append(f"on {cal['n_samples']} {kind} samples ({cal['source']})")
     if report.skipped:
         lines.append(f"{len(report.skipped)} weight(s) left dense: " + "; ".join(
             f"{_short(s['name'], 40)} ({s['reason']})" for s in report.skipped[:5]

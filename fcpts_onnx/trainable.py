@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .calibration import CalibrationSet
+from .calibration import CalibrationSet, static_batch
 from .discovery import Discovery
 from .errors import OptionError, UnsupportedModelError
 from .onnx_io import LoadedModel
@@ -48,7 +48,8 @@ def convert_and_check(loaded: LoadedModel, found: Discovery, calibration: Calibr
     device = resolve_device(device)
     module = OnnxModule(loaded.model, prunable=found.weights).to(device)
     module.eval()
-    batch = calibration.take(slice(0, parity_samples)).arrays
+    # a graph exported with a fixed batch runs only at that batch
+    batch = calibration.take(slice(0, static_batch(loaded.model) or parity_samples)).arrays
     try:
         parity = check_parity(loaded.model, module, {k: np.ascontiguousarray(v) for k, v in batch.items()},
                               device=device)

@@ -123,6 +123,11 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def fidelity(dense: dict[str, np.ndarray], sparse: dict[str, np.ndarray]) -> list[OutputFidelity]:
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite outputs give NaN numbers, noted elsewhere
+        return _fidelity(dense, sparse)
+
+
+def _fidelity(dense: dict[str, np.ndarray], sparse: dict[str, np.ndarray]) -> list[OutputFidelity]:
     results = []
     for name, d in dense.items():
         s = sparse[name]

@@ -27,7 +27,7 @@ from ..allocation.problem import AllocationProblem, smallest_scores
 from ..discovery import PrunableWeight
 from .bridge import kde_index, layer_sparsity, silverman_bandwidth
 from .loss import distillation_loss, output_loss_kinds
-from .options import DEFAULT_ITERS, LearnOptions
+from .options import DEFAULT_ITERS, DEFAULT_TIME_BUDGET, LearnOptions
 
 
 @dataclass
@@ -149,6 +149,7 @@ class Learner:
                  initial_counts: np.ndarray, train: Mapping[str, torch.Tensor],
                  holdout: Mapping[str, torch.Tensor], options: LearnOptions, *,
                  attrs_of: Callable[[int], dict], progress: Callable | None = None):
+        self.created = time.perf_counter()  # the time budget covers the teacher pass and the start choice
         self.module = module
         self.problem = problem
         self.options = options
@@ -410,6 +411,10 @@ class Learner:
             return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, iters - warmup)))
 
         base = [[g["lr"] for g in o.param_groups] for o in optimizers]
+        if self.progress is not None:  # the phase starts now (the bar's clock restarts)
+            self.progress(start_step, max(self.total_steps, start_step), {
+                "phase": phase, "loss": math.nan, "sparsity": self.problem.n_zeros / self.total,
+                "holdout": best["loss"]})
         order = torch.randperm(self.n_train, generator=self.generator)
         cursor = 0
         for step in range(iters):
@@ -445,7 +450,7 @@ class Learner:
             for o in optimizers:
                 o.step()
             if projected:
-                sparsity = self._projected_threshold_step(opts.threshold_lr * lr_factor(step))
+                sparsity = self._projected_threshold_step(opts.threshold_lr * lr_scale * lr_factor(step))
             elif learn_thresholds:
                 for layer in self.layers:
                     layer.clamp_theta()
@@ -477,12 +482,11 @@ class Learner:
                                  for layer in self.layers])
 
     def plan_iters(self) -> int:
-        """Steps to run: --iters, or as many as --time-budget allows at the measured step time."""
+        """Steps to run: --iters; else as many as the time budget allows at the measured step
+        time (-1: decided after timing the first steps), at most DEFAULT_ITERS by default."""
         if self.options.iters is not None:
             return max(1, self.options.iters)
-        if self.options.time_budget is None:
-            return DEFAULT_ITERS
-        return -1  # decided after timing the first steps
+        return -1
 
     def fit(self) -> LearnResult:
         opts = self.options
@@ -494,23 +498,33 @@ class Learner:
         dense_holdout = self._holdout_loss({layer.key: torch.ones_like(layer.weight, dtype=torch.bool)
                                             for layer in self.layers})
         # the starting point competes too: learning must beat it on held-out data to be kept
+        t0 = time.perf_counter()
         self._evaluate(0, False, best)
+        if opts.learn_thresholds:
+            self.project()  # a learned evaluation also projects; timed with it for the budget
+        eval_time = time.perf_counter() - t0
         if opts.learn_thresholds:
             for layer in self.layers:
                 layer.refresh()
         iters = self.plan_iters()
         step = 0
         learn = opts.learn_thresholds
-        if iters < 0:  # time budget: time a few steps, then size the run
+        self.budget_s = None
+        self.limited_by_budget = False
+        if iters < 0:  # time a few steps (learning rate 0: they change nothing), then size the run
+            self.budget_s = opts.time_budget if opts.time_budget is not None else DEFAULT_TIME_BUDGET
             probe = 3
             self.total_steps = probe
             t0 = time.perf_counter()
-            step = self._run_phase(probe, learn_thresholds=learn, reconstruct=opts.reconstruct,
-                                   eval_every=10**9, phase="timing", start_step=0, best=best)
+            self._run_phase(probe, learn_thresholds=learn, reconstruct=opts.reconstruct, lr_scale=0.0,
+                            eval_every=10**9, phase="timing", start_step=0, best=best)
             step_time = (time.perf_counter() - t0) / probe
-            remaining = opts.time_budget - (time.perf_counter() - started)
-            # evaluations and the final pass take about a fifth of the budget
-            iters = max(10, int(0.8 * remaining / step_time))
+            remaining = self.budget_s - (time.perf_counter() - self.created)
+            # about 25 held-out evaluations (20 while learning, 5 in the final tune), a 10% margin
+            iters = max(5, int(0.9 * (remaining - 25 * eval_time) / step_time))
+            if opts.time_budget is None:
+                self.limited_by_budget = iters < DEFAULT_ITERS
+                iters = min(iters, DEFAULT_ITERS)
         main_iters = iters
         tune_iters = 0
         if learn and opts.reconstruct:

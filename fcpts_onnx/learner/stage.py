@@ -16,6 +16,7 @@ from ..onnx_io import LoadedModel
 from ..trainable import build_trainable, parameter_table
 from ..writeback import cast_keeping_nonzeros
 from .fcpts import Learner
+from .memory import plan_batch
 from .options import LearnOptions
 
 
@@ -33,14 +34,21 @@ def _progress_bar(quiet: bool):
 
     bar = tqdm(total=1, file=sys.stderr, dynamic_ncols=True, leave=False, desc="learning")
 
+    phase = [None]
+
     def update(step: int, total: int, info: dict) -> None:
-        if bar.total != total:
+        # A new phase (timing, then learning) restarts the clock so the rate and ETA are its
+        # own; the final tune continues the learning phase's count.
+        if info["phase"] != phase[0] and info["phase"] != "final tune":
+            bar.reset(total=total)
+        elif bar.total != total:
             bar.total = total
-            bar.refresh()
+        phase[0] = info["phase"]
         bar.n = step
-        holdout = info["holdout"]
+        loss, holdout = info["loss"], info["holdout"]
         bar.set_postfix_str(
-            f"{info['phase']} loss={info['loss']:.4g} sparsity={info['sparsity']:.2%}"
+            info["phase"] + ("" if not math.isfinite(loss) else f" loss={loss:.4g}")
+            + f" sparsity={info['sparsity']:.2%}"
             + ("" if not math.isfinite(holdout) else f" held-out={holdout:.4g}"),
             refresh=True,
         )
@@ -50,7 +58,7 @@ def _progress_bar(quiet: bool):
 
 def learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, train_idx: np.ndarray,
           holdout_idx: np.ndarray, problem: AllocationProblem, method: str, reconstruct: bool,
-          options: LearnOptions, device: str, quiet: bool) -> StageResult:
+          options: LearnOptions, device: str, quiet: bool, memory_limit: int) -> StageResult:
     """Masks (exact counts) and tuned values for ``method``, learned on the training split."""
     train = calibration.take(train_idx)
     trainable = build_trainable(loaded, found, train, device=device)
@@ -74,11 +82,12 @@ def learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, tr
     # A graph exported with a fixed batch may bake it into Reshape constants: learn at that batch.
     fixed_batch = static_batch(loaded.model)
     run_options = asdict(options) | {"learn_thresholds": learned, "reconstruct": reconstruct}
-    if fixed_batch:
-        run_options["batch_size"] = fixed_batch
+    train_tensors = to_device(train)
+    memory = plan_batch(module, train_tensors, options.batch_size, memory_limit, fixed_batch=fixed_batch)
+    run_options["batch_size"] = memory.batch_size
     update, close = _progress_bar(quiet)
     try:
-        learner = Learner(module, found.weights, problem, initial, to_device(train),
+        learner = Learner(module, found.weights, problem, initial, train_tensors,
                           to_device(calibration.take(holdout_idx)), LearnOptions(**run_options),
                           attrs_of=attrs_of, progress=update)
         start_losses = learner.choose_start(candidates) if len(candidates) > 1 else {}
@@ -112,6 +121,11 @@ def learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, tr
         "train_samples": int(len(train_idx)),
         "holdout_samples": int(len(holdout_idx)),
         "steps": result.steps,
+        "memory": memory.to_dict(),
+        # seconds the run was sized to (None with --iters); True when the default budget cut
+        # the default number of steps short
+        "time_budget_s": learner.budget_s,
+        "limited_by_default_budget": learner.limited_by_budget,
         "best_step": result.best_step,
         "seconds": round(result.seconds, 3),
         "step_time_s": round(result.step_time_s, 5),
