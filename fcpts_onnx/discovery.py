@@ -4,7 +4,9 @@ A prunable weight is the constant weight operand of a Conv, ConvTranspose, Gemm 
 node. Exporters store it as an initializer, as the output of a Constant node, behind one
 or more Identity nodes, or share one tensor between several nodes; all of these resolve
 to one :class:`PrunableWeight` that knows where its values live, so write-back changes
-exactly that tensor and nothing else. Weights used inside If/Loop/Scan bodies are listed
+exactly that tensor and nothing else. Weights behind Transpose nodes (dynamo's unoptimised
+Linear, TensorFlow-layout kernels) or Cast-to-float nodes (fp16/bf16 storage) are followed
+to their stored tensor. Weights used inside If/Loop/Scan bodies are listed
 but not pruned (see ``SkippedWeight.reason``).
 """
 
@@ -41,12 +43,26 @@ SUBGRAPH_OP_TYPES = ("If", "Loop", "Scan")
 
 @dataclass(frozen=True)
 class Consumer:
-    """One node input that reads a weight."""
+    """One node input that reads a weight.
+
+    ``perm``: when the weight reaches the node through Transpose nodes, the node sees the
+    stored tensor with its axes permuted: the node's axis i is the stored axis perm[i].
+    """
 
     node_name: str
     op_type: str
     input_index: int
     node_index: int
+    perm: tuple[int, ...] | None = None
+    via: tuple[str, ...] = ()  # Transpose/Cast nodes between the stored tensor and this input
+
+    def view_shape(self, stored_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The weight's shape as this node reads it."""
+        return stored_shape if self.perm is None else tuple(stored_shape[a] for a in self.perm)
+
+    def stored_axis(self, axis: int) -> int:
+        """The stored tensor's axis behind this node's ``axis``."""
+        return axis if self.perm is None else self.perm[axis]
 
 
 def locate_tensor(model: onnx.ModelProto, storage: str, index: int) -> onnx.TensorProto:
@@ -92,7 +108,9 @@ class PrunableWeight:
     @property
     def where(self) -> str:
         kind = "initializer" if self.storage == "initializer" else "Constant node"
-        return kind + (" (external data)" if self.external else "")
+        ops = sorted({op for c in self.consumers for op in c.via})
+        via = f" via {'/'.join(ops)}" if ops else ""
+        return kind + via + (" (external data)" if self.external else "")
 
     def tensor(self, model: onnx.ModelProto) -> onnx.TensorProto:
         """The TensorProto holding this weight in ``model`` (the loaded model or a copy of it)."""
@@ -135,6 +153,12 @@ class ConstantSource:
     def tensor(self, model: onnx.ModelProto) -> onnx.TensorProto:
         return locate_tensor(model, self.storage, self.index)
 
+    def tensor_dims(self, graph: onnx.GraphProto) -> tuple[int, ...]:
+        if self.storage == "initializer":
+            return tuple(graph.initializer[self.index].dims)
+        node = graph.node[self.index]
+        return tuple(next(a.t.dims for a in node.attribute if a.name == "value"))
+
 
 def _node_label(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"{node.op_type}_{index}"
@@ -152,76 +176,82 @@ class GraphIndex:
                     self.producers[out] = i
         self.graph = graph
 
-    def resolve(self, name: str) -> tuple[ConstantSource | None, str | None]:
-        """Follow Identity nodes back to a constant; returns (source, producer op that stopped us)."""
+    def resolve(self, name: str, through_views: bool = False) -> tuple[ConstantSource | None, str | None]:
+        """Follow Identity nodes back to a constant; returns (source, producer op that stopped us).
+
+        ``through_views`` also follows Transpose and Cast-to-float nodes: they change neither
+        which values are zero nor their magnitude order, so pruning the stored tensor prunes
+        what the reader sees (how dynamo writes Linear without its optimizer, how fp16/bf16
+        storage is cast up for fp32 compute)."""
+        source, stopped_by, _, _ = self.resolve_view(name) if through_views else self._walk(name, False)
+        return source, stopped_by
+
+    def resolve_view(self, name: str) -> tuple[ConstantSource | None, str | None, tuple[int, ...] | None,
+                                                tuple[str, ...]]:
+        """Like resolve through views; also returns the composed permutation (the reader's
+        axis i is the stored axis perm[i]; None without Transpose) and the view ops passed."""
+        source, stopped_by, perms, via = self._walk(name, True)
+        if source is None or not perms:
+            return source, stopped_by, None, via
+        rank = len(source.tensor_dims(self.graph))
+        composed = list(range(rank))
+        for perm in perms:  # nearest the reader first: P_new[i] = p[P[i]]
+            p = list(reversed(range(rank))) if perm is None else perm
+            if sorted(p) != list(range(rank)):
+                return None, "Transpose", None, via  # a perm that does not fit the tensor: not ours to read
+            composed = [p[a] for a in composed]
+        return source, None, tuple(composed), via
+
+    def _walk(self, name: str, through_views: bool):
         seen = set()
+        perms: list[list[int] | None] = []
+        via: list[str] = []
         while name not in seen:
             seen.add(name)
             if name in self.initializers:
-                return ConstantSource("initializer", self.initializers[name], name), None
+                return ConstantSource("initializer", self.initializers[name], name), None, perms, tuple(via)
             if name not in self.producers:
-                return None, None  # a graph input or an outer-scope name
+                return None, None, perms, tuple(via)  # a graph input or an outer-scope name
             node = self.graph.node[self.producers[name]]
-            if node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+            standard = node.domain in ("", "ai.onnx")
+            if node.op_type == "Identity" and standard and node.input:
                 name = node.input[0]
                 continue
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            if through_views and node.op_type == "Transpose" and standard and node.input:
+                perms.append(next((list(a.ints) for a in node.attribute if a.name == "perm"), None))
+                via.append("Transpose")
+                name = node.input[0]
+                continue
+            if through_views and node.op_type == "Cast" and standard and node.input and \
+                    next((a.i for a in node.attribute if a.name == "to"), None) in FLOAT_TYPES:
+                via.append("Cast")
+                name = node.input[0]
+                continue
+            if node.op_type == "Constant" and standard:
                 if any(a.name == "value" for a in node.attribute):
-                    return ConstantSource("constant", self.producers[name], node.output[0]), None
-                return None, "Constant"
-            return None, node.op_type
-        return None, None
+                    return ConstantSource("constant", self.producers[name], node.output[0]), None, perms, tuple(via)
+                return None, "Constant", perms, tuple(via)
+            return None, node.op_type, perms, tuple(via)
+        return None, None, perms, tuple(via)
 
 
 def _weight_input_indices(node: onnx.NodeProto, index: GraphIndex) -> list[int]:
     """Which inputs of a prunable node hold its weight (at most one)."""
+    if len(node.input) < 2:
+        return []
     if node.op_type in ("Conv", "ConvTranspose"):
-        # Only a constant weight (initializer/Constant, maybe behind Identity) is prunable.
-        return [1] if len(node.input) > 1 and index.resolve(node.input[1])[0] is not None else []
+        # Only a constant weight (initializer/Constant, maybe behind Identity or Transpose) is prunable.
+        return [1] if index.resolve(node.input[1], through_views=True)[0] is not None else []
     if node.op_type in ("Gemm", "MatMul"):
         # The constant side is the weight; right is the usual one (x @ W).
-        right, _ = index.resolve(node.input[1])
+        right, _ = index.resolve(node.input[1], through_views=True)
         if right is not None:
             return [1]
-        left, _ = index.resolve(node.input[0])
+        left, _ = index.resolve(node.input[0], through_views=True)
         if left is not None:
             return [0]
         return []
     return []
-
-
-def _cast_fed_weights(node: onnx.NodeProto, label: str, index: GraphIndex) -> list[SkippedWeight]:
-    """Constant weights that reach a prunable node only through a Cast or Transpose: listed, not pruned.
-
-    Exporters do this for half-precision storage (a bf16 initializer cast to float) and, with
-    the dynamo exporter's optimizer off, for Linear layers (MatMul(x, Transpose(W))). The
-    values could be pruned, but MACs and channel axes would have to reason through the op;
-    we say so rather than pass over the weight in silence.
-    """
-    out = []
-    for k in range(min(2, len(node.input))):
-        _, stopped_by = index.resolve(node.input[k])
-        if stopped_by not in ("Cast", "Transpose"):
-            continue
-        cast = index.graph.node[index.producers[_resolve_name(node.input[k], index)]]
-        source, _ = index.resolve(cast.input[0])
-        if source is not None:
-            out.append(SkippedWeight(source.name, node.op_type, label,
-                                     f"reaches the node through a {stopped_by}; only weights read directly "
-                                     "(or through Identity) are pruned"))
-    return out
-
-
-def _resolve_name(name: str, index: GraphIndex) -> str:
-    """Follow Identity nodes to the name of the value that feeds them."""
-    seen = set()
-    while name in index.producers and name not in seen:
-        seen.add(name)
-        node = index.graph.node[index.producers[name]]
-        if node.op_type != "Identity":
-            return name
-        name = node.input[0]
-    return name
 
 
 def _dequantize_fed(node: onnx.NodeProto, index: GraphIndex) -> bool:
@@ -383,14 +413,11 @@ def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
             continue
         if node.op_type not in PRUNABLE_OP_TYPES or node.domain not in ("", "ai.onnx"):
             continue
-        indices = _weight_input_indices(node, index)
-        if not indices:
-            skipped.extend(_cast_fed_weights(node, label, index))
-        for k in indices:
-            source, _ = index.resolve(node.input[k])
+        for k in _weight_input_indices(node, index):
+            source, _, perm, via = index.resolve_view(node.input[k])
             tensor = source.tensor(model)
             shape = tuple(int(d) for d in tensor.dims)
-            consumer = Consumer(label, node.op_type, k, i)
+            consumer = Consumer(label, node.op_type, k, i, perm, via)
             reason = None
             if tensor.data_type not in FLOAT_TYPES:
                 reason = f"{onnx.TensorProto.DataType.Name(tensor.data_type)} weight; only float weights are pruned"
@@ -471,7 +498,8 @@ def assign_macs(model: onnx.ModelProto, weights: list[PrunableWeight],
     shapes = _shape_map(model, input_shapes)
 
     def node_macs(w: PrunableWeight) -> list[int | None]:
-        return [_node_macs(model.graph.node[c.node_index], w.shape, c.input_index, shapes) for c in w.consumers]
+        return [_node_macs(model.graph.node[c.node_index], c.view_shape(w.shape), c.input_index, shapes)
+                for c in w.consumers]
 
     if feed is not None:
         missing = set()

@@ -102,6 +102,34 @@ def _check_location_inside(base_dir: Path, location: str, model_path: Path) -> N
         )
 
 
+def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a tensor of unknown type or whose bytes do not match its dims and type
+    (onnx.checker lets both pass, and they would fail deep inside the tool)."""
+    known = set(onnx.TensorProto.DataType.values())
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_type not in known:
+            raise ModelLoadError(f"{path}: tensor {tensor.name!r} has an unknown data type ({tensor.data_type}); "
+                                 "the file is damaged or from a newer ONNX: re-export the model")
+        if not tensor.HasField("raw_data") or tensor.data_type in (onnx.TensorProto.STRING,
+                                                                   onnx.TensorProto.UNDEFINED):
+            continue
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            continue  # an unknown type: the checker reports it
+        bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(tensor.data_type)
+        count = 1
+        for d in tensor.dims:
+            count *= max(int(d), 0)
+        expected = (count * bits + 7) // 8 if bits else count * itemsize
+        if len(tensor.raw_data) != expected:
+            raise ModelLoadError(
+                f"{path}: tensor {tensor.name!r} holds {len(tensor.raw_data)} bytes, but its dims "
+                f"{list(tensor.dims)} as {onnx.TensorProto.DataType.Name(tensor.data_type)} need {expected}; "
+                "the file is damaged: re-export the model"
+            )
+
+
 def load_model(path: str | os.PathLike) -> LoadedModel:
     """Read a model and its external data, refusing anything that is not a valid ONNX file."""
     path = Path(path)
@@ -131,6 +159,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             first = (str(exc).strip().splitlines() or ["unreadable"])[0]
             raise ModelLoadError(f"{path}: cannot read external data ({first}); check the data file") from None
+    _check_tensor_sizes(model, path)
     try:
         # The path form also works past protobuf's 2 GiB limit and checks external data.
         onnx.checker.check_model(str(path))

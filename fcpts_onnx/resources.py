@@ -40,6 +40,23 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+def _proc_kib(path: str, field: str) -> int | None:
+    """A ``Field:  N kB`` line of a /proc file, in bytes; None where there is none (not Linux)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory, None where unknown."""
+    return _proc_kib("/proc/self/status", "VmRSS")
+
+
 def available_memory(device: str = "cpu") -> int:
     """Bytes that can be allocated now: MemAvailable (Linux), else physical memory; the
     device's free memory for CUDA."""
@@ -48,13 +65,9 @@ def available_memory(device: str = "cpu") -> int:
 
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available = _proc_kib("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

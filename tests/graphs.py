@@ -137,6 +137,34 @@ def matmul(m: int = 3, k: int = 8, n: int = 5, seed: int = 0, dynamic_batch: boo
     return model([node], [vi("x", F32, [rows, k])], [vi("y", F32, [rows, n])], inits)
 
 
+def matmul_via_transpose(m: int = 3, k: int = 8, n: int = 5, seed: int = 0, perm: bool = True,
+                          constant: bool = False, depth: int = 1) -> onnx.ModelProto:
+    """x[m, k] @ Transpose('W'[n, k]) -> y (node 'mm'): how the dynamo exporter writes Linear
+    with its optimizer off. ``perm=False`` leaves the attribute out (reverse the axes);
+    ``depth`` 2 adds a second Transpose (back and forth, then once more)."""
+    w = rand((n, k), seed) if depth % 2 else rand((k, n), seed)
+    nodes, inits, name = [], [], "W"
+    if constant:
+        nodes.append(helper.make_node("Constant", [], ["W"], name="w_const", value=tensor("W", w)))
+    else:
+        inits.append(tensor("W", w))
+    for i in range(depth):
+        attrs = {"perm": [1, 0]} if perm else {}
+        nodes.append(helper.make_node("Transpose", [name], [f"W_t{i}"], name=f"t{i}", **attrs))
+        name = f"W_t{i}"
+    nodes.append(helper.make_node("MatMul", ["x", name], ["y"], name="mm"))
+    return model(nodes, [vi("x", F32, [m, k])], [vi("y", F32, [m, n])], inits)
+
+
+def conv_via_transpose(c_in: int = 4, c_out: int = 6, k: int = 3, hw: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """A TensorFlow-layout weight 'W' [k, k, c_in, c_out] (HWIO) -> Transpose [3, 2, 0, 1] -> Conv 'conv'."""
+    w = rand((k, k, c_in, c_out), seed)
+    nodes = [helper.make_node("Transpose", ["W"], ["W_oihw"], name="to_oihw", perm=[3, 2, 0, 1]),
+             helper.make_node("Conv", ["x", "W_oihw"], ["y"], name="conv", kernel_shape=[k, k])]
+    out = hw - k + 1
+    return model(nodes, [vi("x", F32, [1, c_in, hw, hw])], [vi("y", F32, [1, c_out, out, out])], [tensor("W", w)])
+
+
 def matmul_left(m: int = 5, k: int = 8, n: int = 3, seed: int = 0) -> onnx.ModelProto:
     """'W'[m, k] @ x[k, n] -> y[m, n] (node 'mm'): the weight is the LEFT operand."""
     inits = [tensor("W", rand((m, k), seed))]

@@ -76,6 +76,17 @@ CASES = {
                    3 * 5 * 8),
     "identity_2_constant": (lambda: G.matmul_identity(2, constant=True), "W", "constant", (8, 5), "float32",
                             [("mm", "MatMul", 1)], 3 * 5 * 8),
+    # behind Transpose (stored shape; MACs as the node reads it)
+    "transpose_matmul": (G.matmul_via_transpose, "W", "initializer", (5, 8), "float32", [("mm", "MatMul", 1)],
+                         3 * 5 * 8),
+    "transpose_no_perm": (lambda: G.matmul_via_transpose(perm=False), "W", "initializer", (5, 8), "float32",
+                          [("mm", "MatMul", 1)], 3 * 5 * 8),
+    "transpose_constant": (lambda: G.matmul_via_transpose(constant=True), "W", "constant", (5, 8), "float32",
+                           [("mm", "MatMul", 1)], 3 * 5 * 8),
+    "transpose_twice": (lambda: G.matmul_via_transpose(depth=2), "W", "initializer", (8, 5), "float32",
+                        [("mm", "MatMul", 1)], 3 * 5 * 8),
+    "transpose_conv_hwio": (G.conv_via_transpose, "W", "initializer", (3, 3, 4, 6), "float32",
+                            [("conv", "Conv", 1)], 6 * 6 * (6 * 4 * 9)),
     # dtypes
     "bf16_initializer": (G.bf16_matmul, "W", "initializer", (8, 5), "bfloat16", [("mm", "MatMul", 1)], 3 * 5 * 8),
     "bf16_constant": (lambda: G.bf16_matmul(constant=True), "W", "constant", (8, 5), "bfloat16",
@@ -99,13 +110,14 @@ def test_discovers_each_storage_form(case):
     assert found.total_params == w.size
     assert w.external is False
     # storage/index locate the very tensor that holds the values
+    via = " via Transpose" if case.startswith("transpose") else ""
     if storage == "initializer":
         assert model.graph.initializer[w.index].name == name
-        assert w.where == "initializer"
+        assert w.where == "initializer" + via
     else:
         node = model.graph.node[w.index]
         assert node.op_type == "Constant" and node.output[0] == name
-        assert w.where == "Constant node"
+        assert w.where == "Constant node" + via
     t = w.tensor(model)
     assert tuple(t.dims) == shape
     np.testing.assert_array_equal(w.values(model), numpy_helper.to_array(t))
@@ -285,16 +297,23 @@ def test_1d_float_weight_is_skipped_with_reason():
 
 
 @pytest.mark.parametrize("op", ["MatMul", "Conv"])
-def test_weight_behind_cast_is_not_a_constant_weight(op):
-    """Discovery follows Identity only: a bf16 weight cast to float is listed as skipped, not pruned."""
+def test_weight_behind_cast_is_pruned_in_its_stored_dtype(op):
+    """A bf16 weight cast to float for fp32 compute: the stored bf16 tensor is the weight."""
     model = G.bf16_cast_matmul(op=op)
     onnx.checker.check_model(model, full_check=True)
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     _ort_runs(model, {"x": np.ones(shape, np.float32)})
-    found = discover(model)  # a Conv used to crash here (AttributeError on a non-constant weight)
-    assert found.weights == []
-    assert len(found.skipped) == 1 and "Cast" in found.skipped[0].reason
-    assert found.skipped[0].op_type == op
+    found = discover(model)
+    assert found.skipped == []
+    (w,) = found.weights
+    assert (w.name, w.dtype, w.op_type, w.where) == ("W", "bfloat16", op, "initializer via Cast")
+    assert w.consumers[0].via == ("Cast",) and w.consumers[0].perm is None
+
+
+def test_cast_to_an_integer_type_is_not_followed():
+    model = G.bf16_cast_matmul()
+    next(n for n in model.graph.node if n.op_type == "Cast").attribute[0].i = TensorProto.INT32
+    assert discover(model).weights == []
 
 
 def test_conv_weight_from_graph_input_is_not_prunable():
@@ -380,3 +399,35 @@ def test_matmul_gemm_macs_are_m_n_k(m, k, n, form):
     w = _one(model)
     assert w.size == k * (n if form in ("matmul", "gemm1", "gemm0") else m)
     assert w.macs == m * n * k
+
+
+@pytest.mark.parametrize("builder, perm, view", [
+    (G.matmul_via_transpose, (1, 0), (8, 5)),
+    (lambda: G.matmul_via_transpose(perm=False), (1, 0), (8, 5)),
+    (lambda: G.matmul_via_transpose(depth=2), (0, 1), (8, 5)),
+    (lambda: G.matmul_via_transpose(depth=3), (1, 0), (8, 5)),
+    (G.conv_via_transpose, (3, 2, 0, 1), (6, 4, 3, 3)),
+])
+def test_transpose_fed_weight_records_the_permutation(builder, perm, view):
+    """The node reads the stored tensor permuted: its axis i is the stored axis perm[i]."""
+    model = builder()
+    (c,) = _one(model).consumers
+    w = _one(model)
+    assert c.perm == perm and c.view_shape(w.shape) == view
+    # the permutation is the one onnxruntime applies through the Transpose chain
+    seen = np.transpose(w.values(model), perm)
+    x = np.random.default_rng(0).standard_normal([d.dim_value for d in
+                                                  model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)
+    (y,) = _ort_runs(model, {"x": x})
+    if len(view) == 2:
+        np.testing.assert_allclose(y, x @ seen, rtol=1e-5, atol=1e-5)
+    else:  # Conv: the first output pixel is the full contraction of the first window
+        expected = np.einsum("oihw,ihw->o", seen, x[0, :, :3, :3])
+        np.testing.assert_allclose(y[0, :, 0, 0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_transpose_with_a_perm_that_does_not_fit_is_left_alone():
+    model = G.matmul_via_transpose()
+    model.graph.node[0].attribute[0].ints[:] = [0, 1, 2]  # rank 3 perm on a 2-D weight: invalid
+    found = discover(model)
+    assert found.weights == []

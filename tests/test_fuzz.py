@@ -291,7 +291,7 @@ cases = st.tuples(st.sampled_from(sorted(BASES)), st.sampled_from(sorted(MUTATIO
                   st.integers(0, 2**16))
 
 
-@settings(max_examples=200, deadline=None, derandomize=True,
+@settings(max_examples=400, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(case=cases)
 def test_mutated_models_data_free(case, tmp_path_factory):

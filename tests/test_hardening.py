@@ -290,13 +290,15 @@ def test_subnormal_weights_survive_the_learner(tmp_path):
     assert report.zero_params == report.required_zeros == 64
 
 
-@pytest.mark.parametrize("build", [G.fp16_model, G.mixed])
+@pytest.mark.parametrize("build", [G.fp16_model, G.mixed, G.bf16_cast_matmul])
 @pytest.mark.parametrize("method, learn", [("global", False), ("fcpts", True)])
 def test_half_precision_round_trip(tmp_path, build, method, learn):
-    """fp16 weights stay fp16 (and fp32 fp32), data-free and learned (on generated inputs).
+    """fp16 weights stay fp16, bf16 storage cast up to float stays bf16 (and fp32 fp32),
+    data-free and learned (on generated inputs).
 
-    bf16 graphs do not run on onnxruntime's CPU provider (no bf16 MatMul or Conv kernel), so
-    they are refused at the dense reference; test_writeback covers bf16 write-back."""
+    Graphs that compute in bf16 do not run on onnxruntime's CPU provider (no bf16 MatMul or
+    Conv kernel), so they are refused at the dense reference; test_writeback covers their
+    write-back."""
     src = G.save(build(), tmp_path / "in.onnx")
     out = tmp_path / "out.onnx"
     report = sparsify(src, out, "random" if learn else None, sparsity=0.5, method=method,
@@ -338,3 +340,49 @@ def test_report_records_memory_plan(tmp_path):
     memory = json.loads(report_path.read_text())["learning"]["memory"]
     assert memory["estimated_peak_bytes"] <= memory["limit_bytes"]
     assert os.path.getsize(report_path) > 0
+
+
+def test_report_that_cannot_be_written_keeps_the_model_and_says_so(tiny_model, tmp_path, capfd, monkeypatch):
+    """Disk full while writing the report: the verified model stays, one line says where it is."""
+    import errno
+
+    real_write_text = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if ".report.json.tmp" in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "m.onnx"
+    code, _, err, _ = run_main(["optimize", tiny_model, "-o", out, "--quiet"], capfd)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "cannot write the report (No space left on device)" in err and str(out) in err
+    assert out.is_file() and sorted(p.name for p in out.parent.iterdir()) == ["m.onnx"]
+
+
+def test_graph_computing_in_bf16_is_refused_with_onnxruntimes_reason(tmp_path, capfd):
+    """onnxruntime's CPU provider has no bf16 MatMul: the dense reference cannot run; one line says so."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    model = G.save(G.bf16_matmul(), folder / "model.onnx")
+    (tmp_path / "out").mkdir()
+    assert_refused(["optimize", model, "-o", tmp_path / "out" / "m.onnx"], capfd, tmp_path,
+                   "onnxruntime cannot load the input model", "MatMul")
+
+
+@pytest.mark.parametrize("data_type, needles", [
+    (TensorProto.FLOAT16, ["holds 4096 bytes", "[16, 64] as FLOAT16 need 2048", "re-export"]),
+    (99, ["unknown data type (99)", "re-export"]),
+])
+def test_tensor_bytes_that_do_not_match_the_declared_type_refused(tmp_path, capfd, data_type, needles):
+    """onnx.checker accepts both; the tool must not fail later in numpy."""
+    m = G.mixed()
+    next(t for t in m.graph.initializer if t.name == "W1").data_type = data_type
+    folder = tmp_path / "in"
+    folder.mkdir()
+    model = G.save(m, folder / "model.onnx")
+    (tmp_path / "out").mkdir()
+    assert_refused(["optimize", model, "-o", tmp_path / "out" / "m.onnx"], capfd, tmp_path, "'W1'", *needles)
+    assert_refused(["inspect", model], capfd, tmp_path, "'W1'", *needles)

@@ -195,3 +195,21 @@ def test_fit_result_is_exact_and_never_worse_than_its_start_on_held_out_data():
     assert int(result.counts.sum()) == problem.n_zeros
     start = result.holdout_curve[0][1]
     assert result.final_holdout_loss <= start
+
+
+@pytest.mark.parametrize("build, axis", [("conv_via_transpose", 3), ("matmul_via_transpose", 0),
+                                         ("matmul", 1), ("conv", 0)])
+def test_output_axis_through_transpose(build, axis):
+    """Channel protection keeps each output channel's largest weight: for a weight behind
+    Transpose its output axis is found through the permutation (HWIO conv: stored axis 3;
+    MatMul(x, Transpose(W[n, k])): stored axis 0)."""
+    import graphs as G
+
+    from fcpts_onnx.learner.fcpts import output_axis
+
+    model = getattr(G, build)()
+    (w,) = discover(model).weights
+    assert output_axis(w, lambda i: {a.name: a.i for a in model.graph.node[i].attribute}) == axis
+    module = OnnxModule(model, prunable=[w])
+    outputs = {"conv_via_transpose": 6, "matmul_via_transpose": 5, "matmul": 5, "conv": 6}[build]
+    assert module.parameter(module.prunable_keys[0]).shape[axis] == outputs  # the graph's output width

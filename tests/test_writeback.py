@@ -282,11 +282,13 @@ def test_failed_run_leaves_nothing(tmp_path):
     assert _sha(in_path) == digest
 
 
-def test_weight_behind_cast_is_nothing_to_prune(tmp_path):
+def test_weight_behind_cast_is_pruned_and_stays_bf16(tmp_path):
     in_path = G.save(G.bf16_cast_matmul(), tmp_path / "in.onnx")
-    with pytest.raises(UnsupportedModelError, match="nothing to prune"):
-        sparsify(in_path, tmp_path / "out.onnx", sparsity=0.5, report_path=False)
-    assert _listing(tmp_path) == {"in.onnx"}
+    out = tmp_path / "out.onnx"
+    report = sparsify(in_path, out, sparsity=0.5, report_path=False)
+    (w,) = [t for t in onnx.load(str(out)).graph.initializer if t.name == "W"]
+    assert w.data_type == TensorProto.BFLOAT16
+    assert int((numpy_helper.to_array(w).astype(np.float32) == 0).sum()) == report.required_zeros == 20
 
 
 def test_apply_weights_does_not_touch_the_given_model():

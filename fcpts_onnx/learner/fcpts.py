@@ -85,8 +85,12 @@ class _Layer:
 
 
 def output_axis(weight: PrunableWeight, attrs_of: Callable[[int], dict]) -> int:
-    """The axis of a weight that indexes output channels/features."""
+    """The axis of the stored weight that indexes output channels/features."""
     c = weight.consumers[0]
+    return c.stored_axis(_output_axis_as_read(c, len(weight.shape), attrs_of))
+
+
+def _output_axis_as_read(c, rank: int, attrs_of: Callable[[int], dict]) -> int:
     if c.op_type == "Conv":
         return 0
     if c.op_type == "ConvTranspose":
@@ -96,7 +100,7 @@ def output_axis(weight: PrunableWeight, attrs_of: Callable[[int], dict]) -> int:
         if c.input_index == 1:
             return 0 if attrs.get("transB", 0) else 1
         return 1 if attrs.get("transA", 0) else 0
-    return len(weight.shape) - 1 if c.input_index == 1 else len(weight.shape) - 2
+    return rank - 1 if c.input_index == 1 else rank - 2
 
 
 def keep_mask(mags: torch.Tensor, k: int) -> torch.Tensor:

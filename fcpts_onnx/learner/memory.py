@@ -14,13 +14,17 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import OptionError
-from ..resources import format_bytes
+from ..resources import format_bytes, resident_bytes
 
 # Backward holds activation gradients beside the saved activations, and kernels keep
-# temporaries: the peak is about twice what the forward saves (measured on ResNet-18).
-BACKWARD_FACTOR = 2.0
-# weights + gradients + Adam's two moments + best snapshot + straight-through mask temporaries
-PARAMETER_COPIES = 7
+# temporaries. ResNet-18 at 224x224 (tools/bench_memory_plan.py, batches 8/16/64): the peak
+# grew 17.5 MiB per sample for 14.3 MiB saved per sample, 1.22x; 1.5x leaves a margin.
+BACKWARD_FACTOR = 1.5
+# In units of the parameters' fp32 size: weights, gradients, Adam's two moments, the best
+# snapshot, the straight-through masks' temporaries (2), and the exact projection's float64
+# scores, their protected copy and sorted copies (8), and a margin for the allocator (4): on
+# ResNet-18 the peak after the plan varied 1017-1181 MiB between runs at batch 8.
+PARAMETER_COPIES = 20
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class MemoryPlan:
     per_sample_bytes: int
     fixed_bytes: int
     limit_bytes: int
+    rss_at_plan_bytes: int | None = None  # the process's resident memory when the plan was made
 
     def estimate(self, batch: int) -> int:
         return self.fixed_bytes + batch * self.per_sample_bytes
@@ -37,7 +42,8 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         return {"batch_size": self.batch_size, "requested_batch_size": self.requested,
                 "per_sample_bytes": self.per_sample_bytes, "fixed_bytes": self.fixed_bytes,
-                "limit_bytes": self.limit_bytes, "estimated_peak_bytes": self.estimate(self.batch_size)}
+                "limit_bytes": self.limit_bytes, "estimated_peak_bytes": self.estimate(self.batch_size),
+                "rss_at_plan_bytes": self.rss_at_plan_bytes}
 
 
 def saved_bytes(module, batch: Mapping[str, torch.Tensor]) -> int:
@@ -82,7 +88,7 @@ def plan_batch(module, train: Mapping[str, torch.Tensor], requested: int, limit:
     per_sample = int(BACKWARD_FACTOR * raw)
     fixed = PARAMETER_COPIES * param_bytes + max(one - raw, 0)
     if fixed_batch:
-        plan = MemoryPlan(fixed_batch, requested, per_sample // fixed_batch, fixed, limit)
+        plan = MemoryPlan(fixed_batch, requested, per_sample // fixed_batch, fixed, limit, resident_bytes())
         if plan.estimate(fixed_batch) > limit:
             raise OptionError(
                 f"learning at the graph's fixed batch {fixed_batch} needs about "
@@ -97,4 +103,4 @@ def plan_batch(module, train: Mapping[str, torch.Tensor], requested: int, limit:
             f"({format_bytes(fixed)} for the parameters' state, {format_bytes(per_sample)} per sample), "
             f"more than the {format_bytes(limit)} allowed; raise --max-memory, or use a data-free "
             "--method with --no-reconstruct")
-    return MemoryPlan(int(min(requested, fits)), requested, per_sample, fixed, limit)
+    return MemoryPlan(int(min(requested, fits)), requested, per_sample, fixed, limit, resident_bytes())

@@ -191,7 +191,7 @@ class OnnxModule(nn.Module):
                 producer = producer_of.get(node.input[a])
                 if producer is None or producer.op_type not in ("MatMul", "Gemm"):
                     continue
-                weights = [index.resolve(n)[0] for n in producer.input[:2]]
+                weights = [index.resolve(n, through_views=True)[0] for n in producer.input[:2]]
                 if not any(w is not None and w.name in prunable_names for w in weights):
                     continue
                 source, _ = index.resolve(node.input[b])

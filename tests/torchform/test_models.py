@@ -75,10 +75,8 @@ def _cases():
     ]
     params = [pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[2]}") for c in cases]
     # Unoptimised dynamo graphs feed 3-D Linear weights to MatMul through a Transpose node;
-    # discovery follows only Identity, so those weights are not found as prunable.
-    params.append(pytest.param("bert_tiny", "dynamo_noopt", 18, id="bert_tiny-dynamo_noopt-18", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="discovery does not resolve MatMul weights behind Transpose (dynamo optimize=False)")))
+    # discovery follows the Transpose (Consumer.perm), so they are pruned like any other.
+    params.append(pytest.param("bert_tiny", "dynamo_noopt", 18, id="bert_tiny-dynamo_noopt-18"))
     # The tf2onnx/paddle2onnx-style graph, written directly at each opset.
     params += [pytest.param("tf_style_cnn", "onnx", op, id=f"tf_style_cnn-onnx-{op}")
                for op in (13, 14, 16, 17, 18, 19, 20, 21)]
