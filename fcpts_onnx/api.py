@@ -21,7 +21,7 @@ from .allocation.problem import check_feasible
 from .calibration import CalibrationSet, generate, graph_inputs, load_calibration, split_holdout, static_batch
 from .config import LEARNED_METHODS, SparsifyOptions
 from .discovery import Discovery, assign_macs, discover
-from .errors import FcptsError, OptionError, UnsupportedModelError, VerificationError
+from .errors import OptionError, UnsupportedModelError, VerificationError
 from .learner.options import LearnOptions
 from .masks import magnitude, zero_smallest
 from .onnx_io import LoadedModel, check_output_path, check_report_path, load_model, sha256_of, staged_output
@@ -196,13 +196,9 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
         fidelity_idx = np.arange(calibration.n_samples)  # nothing learned: every sample is held out
     fidelity_set = calibration.take(fidelity_idx)
     with timer.stage("dense_reference"):
-        try:
-            dense = run_onnxruntime(loaded.path, fidelity_set, options.batch_size, what="input model")
-        except FcptsError as exc:
-            if calibration.generated:
-                raise type(exc)(f"{exc}; the inputs were generated from the graph's shapes, "
-                                "give real ones with --calib or sizes with --shape") from None
-            raise
+        hint = ("; the inputs were generated from the graph's shapes: give real ones with --calib or sizes "
+                "with --shape" if calibration.generated else "")
+        dense = run_onnxruntime(loaded.path, fidelity_set, options.batch_size, what="input model", run_hint=hint)
     for name, value in dense.items():
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             notes.append(f"the input model's output {name!r} is not finite (NaN or inf) on some held-out "

@@ -44,13 +44,17 @@ def make_session(path: str | os.PathLike, *, what: str, threads: int | None = No
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types, not exported stably
-        error = UnsupportedModelError if what == "input model" else VerificationError
-        raise error(f"onnxruntime cannot load the {what}: {_first_line(exc)}") from None
+        if what == "input model":
+            raise UnsupportedModelError(f"onnxruntime cannot load the input model: {_first_line(exc)}; the tool "
+                                        "needs a model onnxruntime runs: fix or re-export it") from None
+        raise VerificationError(f"onnxruntime cannot load the {what}: {_first_line(exc)}") from None
 
 
 def run_onnxruntime(path: str | os.PathLike, calibration: CalibrationSet, batch_size: int,
-                    *, what: str) -> dict[str, np.ndarray]:
-    """All outputs of the model on every calibration sample, concatenated along axis 0."""
+                    *, what: str, run_hint: str = "") -> dict[str, np.ndarray]:
+    """All outputs of the model on every calibration sample, concatenated along axis 0.
+
+    ``run_hint`` ends the error when the model loads but fails on these inputs."""
     session = make_session(path, what=what)
     names = [o.name for o in session.get_outputs()]
     static = [i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int)]
@@ -65,7 +69,8 @@ def run_onnxruntime(path: str | os.PathLike, calibration: CalibrationSet, batch_
             outputs = session.run(names, feed, quiet)
         except Exception as exc:
             error = UnsupportedModelError if what == "input model" else VerificationError
-            raise error(f"onnxruntime failed to run the {what} on the calibration inputs: {_first_line(exc)}") from None
+            raise error(f"onnxruntime failed to run the {what} on the calibration inputs: {_first_line(exc)}"
+                        f"{run_hint}") from None
         for name, value in zip(names, outputs):
             collected[name].append(np.asarray(value))
     return {n: np.concatenate(v, axis=0) if v[0].ndim else v[-1] for n, v in collected.items()}

@@ -213,3 +213,19 @@ def test_output_axis_through_transpose(build, axis):
     module = OnnxModule(model, prunable=[w])
     outputs = {"conv_via_transpose": 6, "matmul_via_transpose": 5, "matmul": 5, "conv": 6}[build]
     assert module.parameter(module.prunable_keys[0]).shape[axis] == outputs  # the graph's output width
+
+
+def test_progress_bar_shows_phase_loss_and_sparsity(tmp_path, capfd):
+    """What a user watches on stderr: the phase, the loss and the current global sparsity."""
+    import graphs as G
+
+    from fcpts_onnx import sparsify
+
+    src = G.save(G.mixed(), tmp_path / "in.onnx")
+    sparsify(src, tmp_path / "out.onnx", "random", sparsity=0.6, learn=LearnOptions(iters=10), report_path=False,
+             show_progress=True)
+    err = capfd.readouterr().err
+    assert "learning" in err and "learn loss=" in err and "tune loss=" in err
+    shown = [float(part.split("=")[1].rstrip("%")) for part in err.replace("\r", " ").split()
+             if part.startswith("sparsity=")]
+    assert shown and all(55.0 <= s <= 65.0 for s in shown), shown

@@ -42,7 +42,8 @@ class LearnOptions:
         reconstruct: tune surviving weights, biases and normalisation parameters.
         loss: "auto" (KL for logits, NMSE otherwise), "kl" or "nmse".
         eval_every: steps between held-out evaluations (None: about 20 per run).
-        final_tune_fraction: share of iters spent re-tuning weights with the final masks frozen.
+        final_tune_fraction: share of iters at the end in which the allocation is frozen (projected
+            once) and only the weights keep learning (fcpts with reconstruction).
     """
 
     iters: int | None = None

@@ -34,16 +34,12 @@ def _progress_bar(quiet: bool):
 
     bar = tqdm(total=1, file=sys.stderr, dynamic_ncols=True, leave=False, desc="learning")
 
-    phase = [None]
-
     def update(step: int, total: int, info: dict) -> None:
-        # A new phase (timing, then learning) restarts the clock so the rate and ETA are its
-        # own; the final tune continues the learning phase's count.
-        if info["phase"] != phase[0] and info["phase"] != "final tune":
+        # A new run of steps (timing, then learning) restarts the clock so the rate and ETA are its own.
+        if info.get("restart"):
             bar.reset(total=total)
         elif bar.total != total:
             bar.total = total
-        phase[0] = info["phase"]
         bar.n = step
         loss, holdout = info["loss"], info["holdout"]
         bar.set_postfix_str(
