@@ -101,6 +101,21 @@ def _short(name: str, width: int = 48) -> str:
     return name if len(name) <= width else "..." + name[-(width - 3):]
 
 
+def _learning_line(learning: dict) -> str:
+    """One line on what learning did: steps, time, start, and the held-out loss it moved."""
+    if learning["method"] == "fcpts":
+        what = "fcpts" + (" + reconstruction" if learning["reconstruct"] else "")
+        what += f", started from {learning['initial_allocation']}"
+    else:
+        what = f"reconstruction after {learning['method']}"
+    loss = learning["holdout_loss"]
+    moved = ""
+    if loss.get("initial") is not None and loss.get("best") is not None:
+        moved = f"; held-out loss {loss['initial']:.4g} -> {loss['best']:.4g} (best at step {learning['best_step']})"
+    return (f"learned: {what}; {learning['steps']} steps in {learning['seconds']:.0f} s "
+            f"({learning['step_time_s']:.2g} s/step, batch {learning['memory']['batch_size']}){moved}")
+
+
 def format_summary(report: Report) -> str:
     rows = [
         {
@@ -125,6 +140,8 @@ def format_summary(report: Report) -> str:
     if all(m is not None for m in macs) and macs:
         nz = sum(r.nonzero_macs for r in report.layers)
         lines.append(f"MACs of prunable layers: {_fmt_count(sum(macs))} dense, {_fmt_count(nz)} on non-zero weights")
+    if report.learning is not None:
+        lines.append(_learning_line(report.learning))
     for f in report.fidelity:
         parts = []
         if f.get("top1_agreement") is not None:

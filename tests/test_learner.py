@@ -229,3 +229,17 @@ def test_progress_bar_shows_phase_loss_and_sparsity(tmp_path, capfd):
     shown = [float(part.split("=")[1].rstrip("%")) for part in err.replace("\r", " ").split()
              if part.startswith("sparsity=")]
     assert shown and all(55.0 <= s <= 65.0 for s in shown), shown
+
+
+def test_summary_says_what_learning_did(tmp_path):
+    import graphs as G
+
+    from fcpts_onnx import sparsify
+
+    src = G.save(G.mixed(), tmp_path / "in.onnx")
+    report = sparsify(src, tmp_path / "out.onnx", "random", sparsity=0.6, learn=LearnOptions(iters=6),
+                      report_path=False)
+    line = next(x for x in report.format_table().splitlines() if x.startswith("learned: "))
+    assert "fcpts + reconstruction, started from " in line and "6 steps in" in line and "held-out loss" in line
+    assert f"batch {report.learning['memory']['batch_size']})" in line  # mixed() has a fixed batch of 2
+    assert report.learning["memory"]["batch_size"] == 2
