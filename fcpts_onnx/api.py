@@ -172,8 +172,9 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
         check_report_path(Path(report_path), output_path, loaded)
     memory_limit = options.max_memory or default_memory_limit(options.device)
     # absurd declared shapes are refused before anything is allocated for them
-    check_declared_shapes(loaded.model, static_batch(loaded.model) or options.batch_size, memory_limit,
-                          loaded.path)
+    fixed = static_batch(loaded.model)
+    check_declared_shapes(loaded.model, fixed or options.batch_size, memory_limit, loaded.path,
+                          batch_fixed=bool(fixed))
     with timer.stage("discover"):
         found = discover_or_refuse(loaded, options)
     with timer.stage("calibrate"):

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--time-budget", type=float, metavar="SECONDS",
                        help="size the learning stage to take about this long, from a measured step time")
     learn.add_argument("--batch-size", type=int, default=LearnOptions.batch_size,
-                       help=f"calibration samples per step (default {LearnOptions.batch_size})")
+                       help=f"calibration samples per learning step and per onnxruntime run "
+                            f"(default {LearnOptions.batch_size})")
     learn.add_argument("--lr", type=float, default=LearnOptions.lr,
                        help=f"learning rate of weights, biases, norms (default {LearnOptions.lr:g})")
     learn.add_argument("--threshold-lr", type=float, default=LearnOptions.threshold_lr,
@@ -181,7 +182,7 @@ def _optimize(args: argparse.Namespace) -> int:
         loss=args.loss,
     )
     options = SparsifyOptions(
-        sparsity=args.sparsity, method=args.method, nodes_to_exclude=tuple(args.exclude),
+        sparsity=args.sparsity, method=args.method, batch_size=args.batch_size, nodes_to_exclude=tuple(args.exclude),
         op_types=args.op_types, max_layer_sparsity=args.max_layer_sparsity,
         external_data=args.external_data, reconstruct=args.reconstruct, holdout=args.holdout,
         device=args.device, learn=learn, store=args.store, max_memory=args.max_memory,

@@ -120,13 +120,14 @@ def largest_declared_value(model: onnx.ModelProto, batch: int) -> tuple[str, int
     return best
 
 
-def check_declared_shapes(model: onnx.ModelProto, batch: int, limit: int, path) -> None:
+def check_declared_shapes(model: onnx.ModelProto, batch: int, limit: int, path, *, batch_fixed: bool) -> None:
     """Refuse a model one of whose values alone would not fit in ``limit`` bytes at ``batch``."""
     largest = largest_declared_value(model, batch)
     if largest is not None and largest[1] > limit:
         name, size = largest
+        lower = "" if batch_fixed else " lower --batch-size,"
         raise UnsupportedModelError(
             f"{path}: tensor {name!r} would take {format_bytes(size)} at batch {batch}, more than the "
             f"{format_bytes(limit)} allowed; check the model's declared shapes (or pin dynamic ones with "
-            "--shape), or raise --max-memory"
+            f"--shape),{lower} or raise --max-memory"
         )

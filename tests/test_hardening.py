@@ -386,3 +386,24 @@ def test_tensor_bytes_that_do_not_match_the_declared_type_refused(tmp_path, capf
     (tmp_path / "out").mkdir()
     assert_refused(["optimize", model, "-o", tmp_path / "out" / "m.onnx"], capfd, tmp_path, "'W1'", *needles)
     assert_refused(["inspect", model], capfd, tmp_path, "'W1'", *needles)
+
+
+def test_batch_size_sizes_the_declared_shape_check(tmp_path, capfd):
+    """x[N, 1000, 1000] -> MatMul: 4 MB a sample. At the default batch 64 (256 MB) a 64 MiB limit
+    refuses and says to lower --batch-size; --batch-size 8 (32 MB) fits."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1000, 1000])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1000, 4])],
+                              [numpy_helper.from_array(G.rand((1000, 4)), "W")])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    model = save_model(graph, folder / "model.onnx")
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "m.onnx"
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((8, 1000, 1000)).astype(np.float32))
+    assert_refused(["optimize", model, "-o", out, "--max-memory", "64M", "--method", "global"], capfd, tmp_path,
+                   "at batch 64", "lower --batch-size")
+    code, _, err, _ = run_main(["optimize", model, "-o", out, "--max-memory", "64M", "--method", "global",
+                                "--batch-size", "8", "--calib", calib, "--quiet"], capfd)
+    assert code == 0, err
