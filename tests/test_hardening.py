@@ -25,6 +25,14 @@ from fcpts_onnx.errors import OptionError
 from fcpts_onnx.learner.options import LearnOptions
 from fcpts_onnx.resources import format_bytes, parse_memory
 
+
+def model_in_folder(tmp_path: Path, graph: onnx.GraphProto) -> Path:
+    """``graph`` saved as tmp_path/in/model.onnx (a folder of its own, so tests can check it stays untouched)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    return save_model(graph, folder / "model.onnx")
+
+
 # ------------------------------------------------------------------------------------------
 # External data that points outside the model's folder
 # ------------------------------------------------------------------------------------------
@@ -118,9 +126,7 @@ def absurd_input_model(tmp_path: Path) -> Path:
                                                                             [1, 3, 200000, 200000])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 199998, 199998])],
                               [numpy_helper.from_array(G.rand((4, 3, 3, 3)), "W")])
-    folder = tmp_path / "in"
-    folder.mkdir()
-    return save_model(graph, folder / "model.onnx")
+    return model_in_folder(tmp_path, graph)
 
 
 def absurd_intermediate_model(tmp_path: Path) -> Path:
@@ -131,9 +137,7 @@ def absurd_intermediate_model(tmp_path: Path) -> Path:
     graph = helper.make_graph(nodes, "absurd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b", "c", "d"])],
                               [numpy_helper.from_array(G.rand((8, 8)), "W"), shape])
-    folder = tmp_path / "in"
-    folder.mkdir()
-    return save_model(graph, folder / "model.onnx")
+    return model_in_folder(tmp_path, graph)
 
 
 @pytest.mark.parametrize("build, name", [(absurd_input_model, "'y'"), (absurd_intermediate_model, "'y'")])
@@ -152,9 +156,7 @@ def test_max_memory_refuses_a_model_that_fits_the_machine(tmp_path, capfd):
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1000, 400])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1000, 400])],
                               [numpy_helper.from_array(G.rand((400, 400)), "W")])
-    folder = tmp_path / "in"
-    folder.mkdir()
-    model = save_model(graph, folder / "model.onnx")
+    model = model_in_folder(tmp_path, graph)
     (tmp_path / "out").mkdir()
     out = tmp_path / "out" / "m.onnx"
     assert_refused(["optimize", model, "-o", out, "--max-memory", "1M"], capfd, tmp_path, "1 MiB allowed")
@@ -194,9 +196,7 @@ def mnist_like_model(tmp_path: Path) -> Path:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
                               [numpy_helper.from_array(G.rand((16, 1, 3, 3)), "W1"),
                                numpy_helper.from_array(G.rand((16 * 26 * 26, 10)) * 0.01, "W2")])
-    folder = tmp_path / "in"
-    folder.mkdir()
-    return save_model(graph, folder / "model.onnx")
+    return model_in_folder(tmp_path, graph)
 
 
 def test_max_memory_shrinks_the_learning_batch(tmp_path):
@@ -264,9 +264,7 @@ def subnormal_model(tmp_path: Path) -> Path:
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
                               [numpy_helper.from_array(w, "W")])
-    folder = tmp_path / "in"
-    folder.mkdir()
-    return save_model(graph, folder / "model.onnx")
+    return model_in_folder(tmp_path, graph)
 
 
 @pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.9])
@@ -395,9 +393,7 @@ def test_batch_size_sizes_the_declared_shape_check(tmp_path, capfd):
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1000, 1000])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1000, 4])],
                               [numpy_helper.from_array(G.rand((1000, 4)), "W")])
-    folder = tmp_path / "in"
-    folder.mkdir()
-    model = save_model(graph, folder / "model.onnx")
+    model = model_in_folder(tmp_path, graph)
     (tmp_path / "out").mkdir()
     out = tmp_path / "out" / "m.onnx"
     calib = tmp_path / "calib.npz"
