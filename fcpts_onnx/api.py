@@ -171,10 +171,10 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
     if report_path is not False:
         check_report_path(Path(report_path), output_path, loaded)
     memory_limit = options.max_memory or default_memory_limit(options.device)
-    # absurd declared shapes are refused before anything is allocated for them
-    fixed = static_batch(loaded.model)
-    check_declared_shapes(loaded.model, fixed or options.batch_size, memory_limit, loaded.path,
-                          batch_fixed=bool(fixed))
+    with timer.stage("check_shapes"):  # absurd declared shapes are refused before anything is allocated
+        fixed = static_batch(loaded.model)
+        check_declared_shapes(loaded.model, fixed or options.batch_size, memory_limit, loaded.path,
+                              batch_fixed=bool(fixed))
     with timer.stage("discover"):
         found = discover_or_refuse(loaded, options)
     with timer.stage("calibrate"):
