@@ -62,6 +62,12 @@ def _pick_init(m: onnx.ModelProto, r: random.Random) -> onnx.TensorProto:
     return r.choice(list(m.graph.initializer))
 
 
+def _pick_tensor(m: onnx.ModelProto, r: random.Random) -> onnx.TensorProto:
+    """An initializer or a Constant node's value (graphs.mixed stores 'W2' that way)."""
+    constants = [a.t for n in m.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    return r.choice(list(m.graph.initializer) + constants)
+
+
 def truncate(m, r):
     data = _bytes(m)
     return data[: r.randrange(len(data))]
@@ -80,27 +86,27 @@ def drop_initializer(m, r):
 
 
 def wrong_dtype(m, r):
-    _pick_init(m, r).data_type = r.choice([TensorProto.INT64, TensorProto.INT8, TensorProto.STRING,
+    _pick_tensor(m, r).data_type = r.choice([TensorProto.INT64, TensorProto.INT8, TensorProto.STRING,
                                            TensorProto.BOOL, TensorProto.FLOAT16, TensorProto.DOUBLE,
                                            TensorProto.UNDEFINED, 99])
     return _bytes(m)
 
 
 def short_data(m, r):
-    t = _pick_init(m, r)
+    t = _pick_tensor(m, r)
     t.raw_data = t.raw_data[: r.randrange(len(t.raw_data))]
     return _bytes(m)
 
 
 def absurd_dims(m, r):
-    t = _pick_init(m, r)
+    t = _pick_tensor(m, r)
     del t.dims[:]
     t.dims.extend(r.choice([[1 << 20, 1 << 20], [1 << 40], [0, 5], [-3, 4], [1 << 62, 1 << 62]]))
     return _bytes(m)
 
 
 def nan_weights(m, r):
-    t = _pick_init(m, r)
+    t = _pick_tensor(m, r)
     values = numpy_helper.to_array(t).copy()
     values.reshape(-1)[r.randrange(values.size)] = r.choice([np.nan, np.inf, -np.inf])
     t.CopyFrom(numpy_helper.from_array(values, t.name))
@@ -192,7 +198,7 @@ def unknown_op(m, r):
 
 
 def escaping_external_data(m, r):
-    t = _pick_init(m, r)
+    t = _pick_tensor(m, r)
     t.ClearField("raw_data")
     t.data_location = TensorProto.EXTERNAL
     del t.external_data[:]
