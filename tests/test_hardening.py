@@ -403,3 +403,21 @@ def test_batch_size_sizes_the_declared_shape_check(tmp_path, capfd):
     code, _, err, _ = run_main(["optimize", model, "-o", out, "--max-memory", "64M", "--method", "global",
                                 "--batch-size", "8", "--calib", calib, "--quiet"], capfd)
     assert code == 0, err
+
+
+def test_memory_plan_runs_a_fixed_batch_graph_only_at_its_batch():
+    """A graph whose Reshape bakes in batch 2 cannot run one sample: the plan measures at 2."""
+    import torch
+
+    from fcpts_onnx.learner.memory import plan_batch
+
+    class FixedBatch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(12, 4)
+
+        def run(self, feed):
+            return {"y": self.fc(feed["x"].reshape(2, 12))}  # fails for any batch but 2
+
+    plan = plan_batch(FixedBatch(), {"x": torch.randn(6, 3, 4)}, 64, 2**40, fixed_batch=2)
+    assert plan.batch_size == 2 and plan.per_sample_bytes > 0

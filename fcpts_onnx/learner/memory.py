@@ -76,10 +76,12 @@ def plan_batch(module, train: Mapping[str, torch.Tensor], requested: int, limit:
         p.requires_grad_(True)
     try:
         n = next(iter(train.values())).shape[0]
-        one = saved_bytes(module, {k: v[:1] for k, v in train.items()})
+        # a fixed-batch graph runs only at its batch (Reshape constants may bake it in): measure
+        # that batch once and count it all as per-sample
+        one = saved_bytes(module, {k: v[:fixed_batch or 1] for k, v in train.items()})
         if n >= 2 and not fixed_batch:
             raw = max(saved_bytes(module, {k: v[:2] for k, v in train.items()}) - one, 0)
-        else:  # a fixed-batch graph runs only at its batch: count it all as per-sample
+        else:
             raw = one
     finally:
         for p, flag in zip(params, flags):
