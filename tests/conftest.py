@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from hypothesis import settings
 from onnx import TensorProto, helper, numpy_helper
+
+# CI must not fail on a draw that no earlier run made: by default every property test replays
+# the same examples. HYPOTHESIS_PROFILE=explore draws fresh ones (how the Mod and Range
+# mismatches with onnxruntime were found); a failure it finds becomes a fixed test.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 OPSET = 17
 IR_VERSION = 8

@@ -639,3 +639,12 @@ def test_run_sets_the_device_and_shapes_stay_on_cpu():
     out = module.run({"x": torch.zeros(2)})["y"]
     assert out.device.type == "cpu" and out.tolist() == [0.0, 0.0]
     assert all(step.ctx.device == torch.device("cpu") for step in module._steps)
+
+
+@pytest.mark.parametrize("kind", [np.float32, np.float64])
+@pytest.mark.parametrize("start, length, delta", [(1, 27, -0.3), (-20, 22, 0.7), (-20, 32, 0.7), (-19, 17, 0.7)])
+def test_range_count_where_float_rounding_decides(kind, start, length, delta):
+    """Found by hypothesis in CI: onnxruntime counts ceil((double(limit) - double(start)) / delta)."""
+    limit = start + length * delta
+    feeds = {"s": np.array(start, kind), "l": np.array(limit, kind), "d": np.array(delta, kind)}
+    check_node(node("Range", ["s", "l", "d"]), feeds, opset=11)
