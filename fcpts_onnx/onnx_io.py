@@ -169,6 +169,11 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         raise ModelLoadError(
             f"{path}: fails onnx.checker ({first}); re-export the model or fix the graph"
         ) from None
+    except UnicodeDecodeError:  # the checker's message quotes a name whose bytes are not UTF-8
+        raise ModelLoadError(
+            f"{path}: fails onnx.checker (a name in the graph is not valid UTF-8: the file is damaged); "
+            "re-export the model"
+        ) from None
     return LoadedModel(model=model, path=path, external_data_files=tuple(locations),
                        external_tensors=frozenset(external))
 

@@ -77,13 +77,19 @@ class Report:
         return format_summary(self)
 
 
-def _fmt_count(n: int | None) -> str:
+def format_scaled(n: int | None, units: tuple[tuple[str, float], ...] = (("G", 1e9), ("M", 1e6), ("k", 1e3)),
+                  unit_of_one: str = "") -> str:
+    """``n`` in the largest decimal unit it reaches (1.23M; 4.50 MB with units " MB" ...), '?' if unknown."""
     if n is None:
         return "?"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, scale in units:
         if n >= scale:
             return f"{n / scale:.2f}{unit}"
-    return str(n)
+    return f"{n}{unit_of_one}"
+
+
+def _fmt_count(n: int | None) -> str:
+    return format_scaled(n)
 
 
 def format_layer_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

@@ -297,20 +297,26 @@ cases = st.tuples(st.sampled_from(sorted(BASES)), st.sampled_from(sorted(MUTATIO
                   st.integers(0, 2**16))
 
 
-@settings(max_examples=400, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+def fuzz_settings(examples: int) -> settings:
+    return settings(max_examples=examples, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def exercise_case(case: tuple[str, str, int], tmp_path_factory, learn: bool) -> None:
+    base, mutation, seed = case
+    exercise(mutant(base, mutation, seed), tmp_path_factory.mktemp("fuzz"), learn=learn)
+
+
+@fuzz_settings(400)
 @given(case=cases)
 def test_mutated_models_data_free(case, tmp_path_factory):
-    base, mutation, seed = case
-    exercise(mutant(base, mutation, seed), tmp_path_factory.mktemp("fuzz"), learn=False)
+    exercise_case(case, tmp_path_factory, learn=False)
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@fuzz_settings(25)
 @given(case=cases)
 def test_mutated_models_learned(case, tmp_path_factory):
-    base, mutation, seed = case
-    exercise(mutant(base, mutation, seed), tmp_path_factory.mktemp("fuzz"), learn=True)
+    exercise_case(case, tmp_path_factory, learn=True)
 
 
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))

@@ -421,3 +421,15 @@ def test_memory_plan_runs_a_fixed_batch_graph_only_at_its_batch():
 
     plan = plan_batch(FixedBatch(), {"x": torch.randn(6, 3, 4)}, 64, 2**40, fixed_batch=2)
     assert plan.batch_size == 2 and plan.per_sample_bytes > 0
+
+
+def test_name_that_is_not_utf8_refused(tmp_path, capfd):
+    """Found by the fuzzer: a flipped byte in a node name made onnx.checker's message undecodable."""
+    from test_fuzz import mutant
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    model = folder / "model.onnx"
+    model.write_bytes(mutant("mixed", "flip_bytes", 42))
+    (tmp_path / "out").mkdir()
+    assert_refused(["optimize", model, "-o", tmp_path / "out" / "m.onnx"], capfd, tmp_path, "not valid UTF-8")

@@ -6,16 +6,11 @@ print the section it stored.
 
 from __future__ import annotations
 
-from ..report import _fmt_count, format_layer_table
+from ..report import _fmt_count, format_layer_table, format_scaled
 
 
 def _bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
+    return format_scaled(n, ((" GB", 1e9), (" MB", 1e6), (" kB", 1e3)), unit_of_one=" B")
 
 
 def _x(value: float | None) -> str:
