@@ -72,16 +72,48 @@ def evaluate(
     if len(images) == 0:
         raise ValueError(f"{eval_npz} holds no samples")
 
+    scores = _scores(model_path, images, batch_size)
+    return int(np.count_nonzero(scores.argmax(axis=1) == labels)) / len(images)
+
+
+def _scores(model_path, images: np.ndarray, batch_size: int) -> np.ndarray:
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        batch = preprocess(images[start : start + batch_size])
-        (scores,) = session.run(None, {input_name: batch})[:1]
-        correct += int(
-            np.count_nonzero(scores.argmax(axis=1) == labels[start : start + batch_size])
-        )
-    return correct / len(images)
+    parts = [session.run(None, {input_name: preprocess(images[start : start + batch_size])})[0]
+             for start in range(0, len(images), batch_size)]
+    return np.concatenate(parts).astype(np.float64)
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def fidelity(
+    model_path: str | os.PathLike[str],
+    dense_path: str | os.PathLike[str],
+    eval_npz: str | os.PathLike[str] = DEFAULT_EVAL_NPZ,
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """Finer measures than accuracy on the evaluation split, which near the dense model's
+    accuracy moves by whole images (1 of 4488 is 0.022%).
+
+    Returns:
+        ``accuracy``; ``nll``: mean cross-entropy of the labels (the test log-loss);
+        ``agreement``: share of arg-max equal to the dense model's; ``kl``: mean
+        KL(dense || model) of the softmax outputs (temperature 1).
+    """
+    with np.load(eval_npz) as data:
+        images = data["images"]
+        labels = data["labels"].astype(np.int64)
+    logp = _log_softmax(_scores(model_path, images, batch_size))
+    dense = _log_softmax(_scores(dense_path, images, batch_size))
+    return {
+        "accuracy": float(np.mean(logp.argmax(axis=1) == labels)),
+        "nll": float(-np.mean(logp[np.arange(len(labels)), labels])),
+        "agreement": float(np.mean(logp.argmax(axis=1) == dense.argmax(axis=1))),
+        "kl": float(np.mean(np.sum(np.exp(dense) * (dense - logp), axis=1))),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
