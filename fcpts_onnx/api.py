@@ -229,7 +229,11 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
                           options.learn, options.device, quiet, memory_limit)
         counts, updates, learning = stage.counts, stage.updates, stage.report
         memory = learning["memory"]
-        if memory["batch_size"] < memory["requested_batch_size"]:
+        if memory["graph_fixed_batch"] and memory["batch_size"] != memory["requested_batch_size"]:
+            notes.append(f"learning batch {memory['batch_size']} instead of {memory['requested_batch_size']}: "
+                         "the graph's inputs have a fixed batch size; export it with a dynamic batch axis "
+                         "to learn on larger batches")
+        elif memory["batch_size"] < memory["requested_batch_size"]:
             notes.append(f"learning batch {memory['batch_size']} instead of {memory['requested_batch_size']}, "
                          f"to stay within {format_bytes(memory['limit_bytes'])} (about "
                          f"{format_bytes(memory['per_sample_bytes'])} per sample); --max-memory sets the limit")

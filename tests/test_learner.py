@@ -243,3 +243,7 @@ def test_summary_says_what_learning_did(tmp_path):
     assert "fcpts + reconstruction, started from " in line and "6 steps in" in line and "held-out loss" in line
     assert f"batch {report.learning['memory']['batch_size']})" in line  # mixed() has a fixed batch of 2
     assert report.learning["memory"]["batch_size"] == 2
+    # the note gives the real reason for the small batch: the graph's, not the memory limit
+    assert report.learning["memory"]["graph_fixed_batch"] is True
+    (note,) = [n for n in report.notes if n.startswith("learning batch")]
+    assert "fixed batch size" in note and "--max-memory" not in note

@@ -35,6 +35,7 @@ class MemoryPlan:
     fixed_bytes: int
     limit_bytes: int
     rss_at_plan_bytes: int | None = None  # the process's resident memory when the plan was made
+    graph_fixed: bool = False  # the batch is the graph's own (a fixed batch axis), not the memory's choice
 
     def estimate(self, batch: int) -> int:
         return self.fixed_bytes + batch * self.per_sample_bytes
@@ -43,7 +44,7 @@ class MemoryPlan:
         return {"batch_size": self.batch_size, "requested_batch_size": self.requested,
                 "per_sample_bytes": self.per_sample_bytes, "fixed_bytes": self.fixed_bytes,
                 "limit_bytes": self.limit_bytes, "estimated_peak_bytes": self.estimate(self.batch_size),
-                "rss_at_plan_bytes": self.rss_at_plan_bytes}
+                "rss_at_plan_bytes": self.rss_at_plan_bytes, "graph_fixed_batch": self.graph_fixed}
 
 
 def saved_bytes(module, batch: Mapping[str, torch.Tensor]) -> int:
@@ -90,7 +91,8 @@ def plan_batch(module, train: Mapping[str, torch.Tensor], requested: int, limit:
     per_sample = int(BACKWARD_FACTOR * raw)
     fixed = PARAMETER_COPIES * param_bytes + max(one - raw, 0)
     if fixed_batch:
-        plan = MemoryPlan(fixed_batch, requested, per_sample // fixed_batch, fixed, limit, resident_bytes())
+        plan = MemoryPlan(fixed_batch, requested, per_sample // fixed_batch, fixed, limit, resident_bytes(),
+                          graph_fixed=True)
         if plan.estimate(fixed_batch) > limit:
             raise OptionError(
                 f"learning at the graph's fixed batch {fixed_batch} needs about "

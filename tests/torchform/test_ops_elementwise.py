@@ -164,6 +164,8 @@ UNARY = [
                                          "beta": elements(F32, -1.0, 1.0)})),
     ("HardSwish", (14, 22), (F32, F16), (-6, 6), True, no_attrs()),
     ("Mish", (18, 22), (F32, F64, F16), (-20, 20), True, no_attrs()),  # float64: opset 18 only
+    ("Swish", (24,), (F32, F64, F16), (-20, 20), True,
+     st.fixed_dictionaries({}, optional={"alpha": elements(F32, -2.0, 3.0)})),
     ("Gelu", (20,), (F32, F16), (-6, 6), True,
      st.fixed_dictionaries({}, optional={"approximate": st.sampled_from(["none", "tanh"])})),
     ("Shrink", (9,), (F32, F64) + INTS, (-10, 10), False,

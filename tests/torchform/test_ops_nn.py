@@ -261,6 +261,27 @@ def test_group_normalization(data, seed):
 
 
 @SETTINGS
+@given(data=st.data(), seed=seeds)
+def test_lp_normalization(data, seed):
+    shape = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=4))
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    x = rand(seed, *shape)
+    if data.draw(st.booleans()):  # an all-zero slice along the axis normalises to zero
+        np.moveaxis(x, axis, -1)[(0,) * (len(shape) - 1)] = 0  # a view: writes into x
+    node = helper.make_node("LpNormalization", ["x"], ["y"], p=data.draw(st.sampled_from([1, 2])), axis=axis)
+    check_node(node, {"x": x}, opset=data.draw(st.sampled_from([1, 22])), **TOL)
+
+
+@SETTINGS
+@given(data=st.data(), seed=seeds)
+def test_mean_variance_normalization(data, seed):
+    shape = data.draw(st.lists(st.integers(2, 4), min_size=4, max_size=4))
+    axes = data.draw(st.lists(st.integers(0, 3), min_size=1, max_size=4, unique=True))
+    node = helper.make_node("MeanVarianceNormalization", ["x"], ["y"], axes=sorted(axes))
+    check_node(node, {"x": rand(seed, *shape)}, opset=data.draw(st.sampled_from([9, 13])), **TOL)
+
+
+@SETTINGS
 @given(size=st.sampled_from([1, 3, 5, 7]), c=st.integers(1, 7), seed=seeds,
        alpha=st.sampled_from([1e-4, 0.5]), beta=st.sampled_from([0.75, 1.0]), bias=st.sampled_from([1.0, 2.0]))
 def test_lrn(size, c, seed, alpha, beta, bias):

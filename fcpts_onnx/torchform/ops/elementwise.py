@@ -188,6 +188,11 @@ def mish(ctx, x):
     return F.mish(x)
 
 
+@register("Swish", since=24)
+def swish(ctx, x):
+    return x * torch.sigmoid(float(ctx.attr("alpha", 1.0)) * x)
+
+
 @register("Gelu", since=20)
 def gelu(ctx, x):
     approximate = ctx.attr("approximate", "none")

@@ -337,6 +337,27 @@ def layer_normalization(ctx, x, scale, bias=None):
     return y, mean, inv_std
 
 
+@register("LpNormalization", since=1)
+def lp_normalization(ctx, x):
+    p = int(ctx.attr("p", 2))
+    if p not in (1, 2):
+        raise _refuse(ctx, f"p={p}")
+    axis = int(ctx.attr("axis", -1))
+    norm = x.abs().sum(dim=axis, keepdim=True) if p == 1 else torch.sqrt((x * x).sum(dim=axis, keepdim=True))
+    # an all-zero slice stays zero (the specification's rule), without a NaN in the gradient
+    safe = torch.where(norm == 0, torch.ones_like(norm), norm)
+    return torch.where(norm == 0, torch.zeros_like(x), x / safe)
+
+
+@register("MeanVarianceNormalization", since=9)
+def mean_variance_normalization(ctx, x):
+    axes = tuple(int(a) for a in ctx.attr("axes", [0, 2, 3]))
+    centred = x - x.mean(dim=axes, keepdim=True)
+    # onnxruntime's kernel takes the variance of the centred values (two passes), not the
+    # function body's E[x^2] - E[x]^2, which cancels badly over few elements
+    return centred / torch.sqrt((centred * centred).mean(dim=axes, keepdim=True))
+
+
 @register("GroupNormalization", since=18)
 def group_normalization(ctx, x, scale, bias):
     groups = int(ctx.attr("num_groups"))
