@@ -66,8 +66,8 @@ def discover_or_refuse(loaded: LoadedModel, options: SparsifyOptions) -> Discove
         why = (f"; {len(found.skipped)} weight(s) skipped, e.g. {found.skipped[0].name!r}: {found.skipped[0].reason}"
                if found.skipped else "")
         raise UnsupportedModelError(
-            f"{loaded.path}: nothing to prune (no Conv, ConvTranspose, Gemm or MatMul with a constant float "
-            f"weight{why}); check --exclude/--op-types or the model"
+            f"{loaded.path}: nothing to prune (no Conv, ConvTranspose, Gemm, MatMul, LSTM, GRU or RNN with a "
+            f"constant float weight{why}); check --exclude/--op-types or the model"
         )
     return found
 

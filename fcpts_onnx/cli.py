@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                      help="keep weights whose name or node name matches REGEX dense (repeatable)")
     opt.add_argument("--op-types", type=_op_types, metavar="OPS",
-                     help="comma list of op types to prune (default Conv,ConvTranspose,Gemm,MatMul)")
+                     help="comma list of op types to prune (default Conv,ConvTranspose,Gemm,MatMul,LSTM,GRU,RNN)")
     opt.add_argument("--max-layer-sparsity", type=float, default=0.98, metavar="F",
                      help="no layer pruned beyond this fraction (default 0.98)")
     opt.add_argument("--plot", nargs="?", const=True, metavar="PNG",

@@ -23,7 +23,8 @@ class SparsifyOptions:
             (learned; needs calibration data). None: fcpts with calibration data, else global.
         nodes_to_exclude: regular expressions; weights whose tensor name or any reading
             node's name matches one (re.search) are left dense.
-        op_types: prune only weights of these op types (default: Conv, ConvTranspose, Gemm, MatMul).
+        op_types: prune only weights of these op types (default: Conv, ConvTranspose, Gemm, MatMul,
+            LSTM, GRU, RNN).
         max_layer_sparsity: no layer is pruned beyond this fraction, so no layer is
             disconnected; layers whose existing zeros exceed it keep them.
         batch_size: samples per onnxruntime run during verification.

@@ -1,8 +1,9 @@
 """Finding the prunable weights of an exported graph, wherever they are stored.
 
 A prunable weight is the constant weight operand of a Conv, ConvTranspose, Gemm or MatMul
-node. Exporters store it as an initializer, as the output of a Constant node, behind one
-or more Identity nodes, or share one tensor between several nodes; all of these resolve
+node, or the input (W) or recurrence (R) weights of an RNN, GRU or LSTM node. Exporters
+store it as an initializer, as the output of a Constant node, behind one or more Identity
+nodes, or share one tensor between several nodes; all of these resolve
 to one :class:`PrunableWeight` that knows where its values live, so write-back changes
 exactly that tensor and nothing else. Weights behind Transpose nodes (dynamo's unoptimised
 Linear, TensorFlow-layout kernels) or Cast-to-float nodes (fp16/bf16 storage) are followed
@@ -22,7 +23,8 @@ from onnx import numpy_helper
 
 from .errors import OptionError, UnsupportedModelError
 
-PRUNABLE_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+RECURRENT_OP_TYPES = ("LSTM", "GRU", "RNN")
+PRUNABLE_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", *RECURRENT_OP_TYPES)
 
 # Weight dtypes we can prune: the value is read as float32 for ranking and written back
 # in its own dtype.
@@ -36,6 +38,7 @@ FLOAT_TYPES = {
 QUANTIZED_OP_TYPES = {
     "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QAttention",
     "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QLinearAdd", "QLinearMul",
+    "DynamicQuantizeLSTM",
 }
 
 SUBGRAPH_OP_TYPES = ("If", "Loop", "Scan")
@@ -78,7 +81,8 @@ def locate_tensor(model: onnx.ModelProto, storage: str, index: int) -> onnx.Tens
 
 @dataclass
 class PrunableWeight:
-    """A constant weight tensor that some Conv/ConvTranspose/Gemm/MatMul node multiplies by.
+    """A constant weight tensor that some Conv/ConvTranspose/Gemm/MatMul node multiplies by,
+    or the W or R of an RNN/GRU/LSTM node ([directions, gates * hidden, input or hidden]).
 
     ``storage`` and ``index`` locate the TensorProto: ``graph.initializer[index]`` for
     "initializer", the ``value`` attribute of ``graph.node[index]`` for "constant".
@@ -236,9 +240,13 @@ class GraphIndex:
 
 
 def _weight_input_indices(node: onnx.NodeProto, index: GraphIndex) -> list[int]:
-    """Which inputs of a prunable node hold its weight (at most one)."""
+    """Which inputs of a prunable node hold its weights (at most one; W and R for recurrent ops)."""
     if len(node.input) < 2:
         return []
+    if node.op_type in RECURRENT_OP_TYPES:
+        # W (input weights) and R (recurrence weights) are matrices each step multiplies by.
+        return [k for k in (1, 2) if k < len(node.input) and node.input[k]
+                and index.resolve(node.input[k], through_views=True)[0] is not None]
     if node.op_type in ("Conv", "ConvTranspose"):
         # Only a constant weight (initializer/Constant, maybe behind Identity or Transpose) is prunable.
         return [1] if index.resolve(node.input[1], through_views=True)[0] is not None else []
@@ -255,7 +263,7 @@ def _weight_input_indices(node: onnx.NodeProto, index: GraphIndex) -> list[int]:
 
 
 def _dequantize_fed(node: onnx.NodeProto, index: GraphIndex) -> bool:
-    for name in node.input[:2]:
+    for name in node.input[1:3] if node.op_type in RECURRENT_OP_TYPES else node.input[:2]:
         _, stopped_by = index.resolve(name)
         if stopped_by in ("DequantizeLinear", "QuantizeLinear"):
             return True
@@ -330,6 +338,15 @@ def _node_macs(node: onnx.NodeProto, weight_shape: tuple[int, ...], weight_input
         return dims
 
     size = int(np.prod(weight_shape, dtype=np.int64))
+    if node.op_type in RECURRENT_OP_TYPES:
+        # Every step multiplies each direction's W by X_t and R by H_t-1: size(W or R) MACs per
+        # step and batch item, over the whole sequence (sequence_lens only ever shortens it).
+        x = shapes.get(node.input[0])
+        if x is None or len(x) != 3:
+            return None
+        layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
+        steps, batch = (x[1], x[0]) if layout else (x[0], x[1])
+        return None if steps is None else size * steps * (1 if batch is None else batch)
     if node.op_type == "Conv":
         out = per_inference(shapes.get(node.output[0]))
         # Each output element takes (C/groups * kernel) MACs; size(W) = M * that.
@@ -363,8 +380,9 @@ def _subgraph_weights(node: onnx.NodeProto, node_index: int, outer: GraphIndex) 
                     yield from _subgraph_weights(sub, j, inner)
                 if sub.op_type not in PRUNABLE_OP_TYPES:
                     continue
-                for k in (1, 0):
-                    if k >= len(sub.input):
+                recurrent = sub.op_type in RECURRENT_OP_TYPES
+                for k in (1, 2) if recurrent else (1, 0):
+                    if k >= len(sub.input) or not sub.input[k]:
                         continue
                     name = sub.input[k]
                     source, _ = inner.resolve(name)
@@ -376,7 +394,8 @@ def _subgraph_weights(node: onnx.NodeProto, node_index: int, outer: GraphIndex) 
                             f"inside the {node.op_type} node {_node_label(node, node_index)!r} "
                             f"(attribute {attr.name}); weights in control-flow bodies are not pruned",
                         )
-                        break
+                        if not recurrent:  # a matrix product has one weight; a recurrent op two
+                            break
 
 
 def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),

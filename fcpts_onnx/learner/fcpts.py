@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..allocation.problem import AllocationProblem, smallest_scores
-from ..discovery import PrunableWeight
+from ..discovery import RECURRENT_OP_TYPES, PrunableWeight
 from .bridge import kde_index, layer_sparsity, silverman_bandwidth
 from .loss import distillation_loss, output_loss_kinds
 from .options import DEFAULT_ITERS, DEFAULT_TIME_BUDGET, LearnOptions
@@ -94,6 +94,8 @@ def _output_axis_as_read(c, rank: int, attrs_of: Callable[[int], dict]) -> int:
     if c.op_type == "Conv":
         return 0
     if c.op_type == "ConvTranspose":
+        return 1
+    if c.op_type in RECURRENT_OP_TYPES:  # W, R: [directions, gates * hidden (the outputs), input]
         return 1
     if c.op_type == "Gemm":
         attrs = attrs_of(c.node_index)

@@ -27,6 +27,7 @@ from .registry import NodeContext, OpFn, decode_attribute, resolve
 # Which inputs of which ops are tunable besides the prunable weights, and their role.
 _TUNABLE_INPUTS = {
     "Conv": {2: "bias"}, "ConvTranspose": {2: "bias"}, "Gemm": {2: "bias"},
+    "LSTM": {3: "bias"}, "GRU": {3: "bias"}, "RNN": {3: "bias"},
     "BatchNormalization": {1: "norm", 2: "norm"}, "LayerNormalization": {1: "norm", 2: "norm"},
     "InstanceNormalization": {1: "norm", 2: "norm"}, "GroupNormalization": {1: "norm", 2: "norm"},
 }
