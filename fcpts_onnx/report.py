@@ -112,6 +112,10 @@ def _learning_line(learning: dict) -> str:
     if learning["method"] == "fcpts":
         what = "fcpts" + (" + reconstruction" if learning["reconstruct"] else "")
         what += f", started from {learning['initial_allocation']}"
+        trials = learning.get("start_trials_holdout_loss") or {}
+        if trials:  # the start was chosen after tuning each candidate briefly
+            what += (f" (best of {', '.join(trials)} after {learning['start_trial_steps']} tuning steps each, "
+                     "held-out " + ", ".join(f"{v:.3g}" for v in trials.values()) + ")")
     else:
         what = f"reconstruction after {learning['method']}"
     loss = learning["holdout_loss"]

@@ -197,6 +197,38 @@ def test_fit_result_is_exact_and_never_worse_than_its_start_on_held_out_data():
     assert result.final_holdout_loss <= start
 
 
+def _fit_from(candidates: dict, **opts):
+    learner, _, _, module = make_learner(mlp(), **({"iters": 20} | opts))
+    learner.choose_start(candidates)
+    result = learner.fit()
+    return learner, result, [p.detach().clone() for p in module.parameters()]
+
+
+def test_start_trials_tune_every_candidate_and_keep_the_best_after_tuning():
+    _, problem, *_ = make_learner(mlp())
+    candidates = {name: allocate(name, problem) for name in ("erk", "global", "uniform")}
+    learner, _, _ = _fit_from(candidates)
+    assert learner.start_trial_steps == 0 and learner.start_trials == {}  # 4 trial steps: under 2 each
+    learner, result, _ = _fit_from(candidates, iters=40)  # 8 trial steps over 3 candidates: 2 each
+    assert learner.start_trial_steps == 2
+    assert set(learner.start_trials) == set(candidates)
+    assert learner.start_name == min(learner.start_trials, key=learner.start_trials.get)
+    assert result.steps == 40 + 3 * 2  # --iters counts the learning steps; trials come on top
+    assert int(result.counts.sum()) == problem.n_zeros
+
+
+def test_start_trials_only_choose():
+    """The trials' tuning is thrown away: with one candidate listed twice (so the untuned choice
+    and the trials' agree), the run is the one without trials, weight for weight."""
+    _, problem, *_ = make_learner(mlp())
+    erk = allocate("erk", problem)
+    _, with_trials, params_with = _fit_from({"a": erk, "b": erk}, iters=40)
+    _, without, params_without = _fit_from({"a": erk, "b": erk}, iters=40, start_trial_fraction=0.0)
+    assert with_trials.final_holdout_loss == without.final_holdout_loss
+    assert all(torch.equal(a, b) for a, b in zip(params_with, params_without))
+    assert all(torch.equal(with_trials.masks[k], without.masks[k]) for k in without.masks)
+
+
 @pytest.mark.parametrize("build, axis", [("conv_via_transpose", 3), ("matmul_via_transpose", 0),
                                          ("matmul", 1), ("conv", 0)])
 def test_output_axis_through_transpose(build, axis):
@@ -247,3 +279,14 @@ def test_summary_says_what_learning_did(tmp_path):
     assert report.learning["memory"]["graph_fixed_batch"] is True
     (note,) = [n for n in report.notes if n.startswith("learning batch")]
     assert "fixed batch size" in note and "--max-memory" not in note
+
+
+def test_summary_names_the_start_trials():
+    from fcpts_onnx.report import _learning_line
+
+    learning = {"method": "fcpts", "reconstruct": True, "initial_allocation": "global",
+                "start_trials_holdout_loss": {"erk": 1.77, "global": 0.996}, "start_trial_steps": 3,
+                "holdout_loss": {"initial": 2.0, "best": 0.9}, "best_step": 60, "steps": 66, "seconds": 12.0,
+                "step_time_s": 0.2, "memory": {"batch_size": 16}}
+    line = _learning_line(learning)
+    assert "started from global (best of erk, global after 3 tuning steps each, held-out 1.77, 0.996)" in line

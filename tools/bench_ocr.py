@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib", type=int, default=256)
     parser.add_argument("--test", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", default="best", help="fcpts start allocation (LearnOptions.init)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     models = rapidocr_models()
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             method, recon = run.split(":")
             start = time.perf_counter()
             report = sparsify(model, out, calib, sparsity=args.sparsity, method=method, reconstruct=recon == "on",
-                              learn=LearnOptions(iters=args.iters, batch_size=args.batch_size, seed=args.seed),
+                              learn=LearnOptions(iters=args.iters, batch_size=args.batch_size, seed=args.seed,
+                                                 init=args.init),
                               report_path=False)
             seconds = time.perf_counter() - start
             sparse = ort.InferenceSession(str(out)).run(None, {"x": test})[0]
@@ -71,11 +73,16 @@ def main(argv: list[str] | None = None) -> int:
                 "holdout_kl": (report.learning or {}).get("holdout_loss", {}).get("best"),
                 "seconds": round(seconds, 1),
                 "steps": (report.learning or {}).get("steps"),
+                "start": (report.learning or {}).get("initial_allocation"),
+                "start_candidates_holdout_loss": (report.learning or {}).get("start_candidates_holdout_loss"),
+                "best_step": (report.learning or {}).get("best_step"),
+                "holdout_curve": (report.learning or {}).get("holdout_loss", {}).get("curve"),
             }
             results.append(row)
             kl = "-" if row["holdout_kl"] is None else f"{row['holdout_kl']:.3f}"
             print(f"{method:8s} recon={recon:3s}: step agreement {row['step_agreement']:.1%}, lines identical "
-                  f"{row['lines_identical']:.0%}, held-out KL {kl}, {seconds:.0f} s", flush=True)
+                  f"{row['lines_identical']:.0%}, held-out KL {kl}, {seconds:.0f} s"
+                  + (f" (start {row['start']}, best step {row['best_step']})" if method == "fcpts" else ""), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

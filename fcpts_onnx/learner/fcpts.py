@@ -177,6 +177,9 @@ class Learner:
                                       kde_index(mags.numel(), self.generator), int(cap)))
         self.sizes = [w.size for w in weights]
         self.start_name = "given"
+        self.start_candidates: dict[str, np.ndarray] = {}
+        self.start_trials: dict[str, float] = {}
+        self.start_trial_steps = 0
         self._set_start(np.asarray(initial_counts, dtype=np.int64))
         self.total_steps = 0
         self.protection_relaxed = False
@@ -215,7 +218,39 @@ class Learner:
         best = min(losses, key=losses.get)
         self.start_name = best
         self._set_start(candidates[best])
+        # With reconstruction, fit() re-ranks them by a short tuning trial (see _trial_starts).
+        self.start_candidates = dict(candidates)
         return losses
+
+    def _trial_starts(self, steps: int) -> None:
+        """Tune the weights under each candidate's masks for ``steps`` steps, the same batches
+        for each, and start from the one best on the held-out split afterwards.
+
+        Without tuning, the held-out loss ranks the candidates by how they damage the dense
+        network, not by how well they recover: PP-OCRv4 rec at 70% ranked ERK first (held-out
+        loss 4.2 against global's 18.1), yet after 60 steps of reconstruction global was at
+        1.0 and ERK at 1.8. The trials only choose: the weights and the batch order go back to
+        where they were, so when the choice is the untuned ranking's the run is the same.
+        """
+        original = self._snapshot()
+        generator_state = self.generator.get_state()
+        curve_length = len(self.holdout_curve)
+        self.start_trials = {}
+        for name, counts in self.start_candidates.items():
+            self._restore(original)
+            self.generator.set_state(generator_state)
+            self.fixed_masks = self._masks_from_counts(np.asarray(counts, dtype=np.int64))
+            scratch = {"loss": math.inf}
+            self.total_steps = steps
+            self._run_phase(steps, learn_thresholds=False, reconstruct=True, eval_every=steps,
+                            phase=f"trying start {name}", start_step=0, best=scratch)
+            self.start_trials[name] = scratch["loss"]
+        self._restore(original)
+        self.generator.set_state(generator_state)
+        self.start_name = min(self.start_trials, key=self.start_trials.get)
+        self._set_start(np.asarray(self.start_candidates[self.start_name], dtype=np.int64))
+        del self.holdout_curve[curve_length:]  # the trials' own evaluations are in start_trials
+        self._losses.clear()
 
     # -- pieces ---------------------------------------------------------------------------
 
@@ -531,6 +566,13 @@ class Learner:
         learn = opts.learn_thresholds
         self.budget_s = None
         self.limited_by_budget = False
+        n_starts = len(self.start_candidates) if learn and opts.reconstruct else 0
+
+        def trial_steps(learning_steps: int) -> int:
+            """Steps per candidate start; below 2 no trial is run."""
+            per = int(learning_steps * opts.start_trial_fraction) // max(1, n_starts)
+            return per if n_starts > 1 and per >= 2 else 0
+
         if iters < 0:  # time a few steps (learning rate 0: they change nothing), then size the run
             self.budget_s = opts.time_budget if opts.time_budget is not None else DEFAULT_TIME_BUDGET
             probe = 3
@@ -541,10 +583,27 @@ class Learner:
             step_time = (time.perf_counter() - t0) / probe
             remaining = self.budget_s - (time.perf_counter() - self.created)
             # about 25 held-out evaluations, and a 10% margin
-            iters = max(5, int(0.9 * (remaining - 25 * eval_time) / step_time))
+            fit = max(5, int(0.9 * (remaining - 25 * eval_time) / step_time))
+            # the start trials come out of the budget; by default at most DEFAULT_ITERS learning steps
+            total = fit
             if opts.time_budget is None:
-                self.limited_by_budget = iters < DEFAULT_ITERS
-                iters = min(iters, DEFAULT_ITERS)
+                cap = DEFAULT_ITERS + trial_steps(DEFAULT_ITERS) * n_starts
+                self.limited_by_budget = fit < cap
+                total = min(fit, cap)
+            trial = trial_steps(int(total / (1 + opts.start_trial_fraction)))
+            iters = max(1, total - trial * n_starts)
+        else:  # --iters counts the learning steps; the start trials come on top
+            trial = trial_steps(iters)
+        if trial:
+            self._trial_starts(trial)
+            self.start_trial_steps = trial
+            step = trial * n_starts
+            self.holdout_curve.clear()
+            best = {"loss": math.inf, "step": step, "counts": self.initial_counts, "masks": self.fixed_masks,
+                    "snap": self._snapshot(), "learned": list(self.initial_sparsity)}
+            self._evaluate(step, False, best)  # the chosen start competes too
+            for layer in self.layers:
+                layer.refresh()
         # The last share of the steps tunes the weights to the allocation frozen at that point,
         # in the same run: a fresh optimizer and schedule for a separate final tune undid the best
         # snapshot on PP-OCRv4 rec (held-out KL 0.146 -> 0.56 after 2 steps, 0.17 at the end).

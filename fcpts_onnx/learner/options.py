@@ -44,6 +44,10 @@ class LearnOptions:
         eval_every: steps between held-out evaluations (None: about 20 per run).
         final_tune_fraction: share of iters at the end in which the allocation is frozen (projected
             once) and only the weights keep learning (fcpts with reconstruction).
+        start_trial_fraction: share of iters spent choosing the start (fcpts with reconstruction
+            and ``init="best"``): each candidate allocation is tuned for an equal part of it and
+            the best on the held-out split afterwards is kept, tuned weights included. 0 ranks
+            the candidates untuned.
     """
 
     iters: int | None = None
@@ -62,6 +66,7 @@ class LearnOptions:
     loss: str = "auto"
     eval_every: int | None = None
     final_tune_fraction: float = 0.2
+    start_trial_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         def positive(name, value, integer=False):
@@ -88,3 +93,6 @@ class LearnOptions:
             raise OptionError(f"--loss must be one of {', '.join(LOSS_KINDS)} (got {self.loss!r})")
         if not 0 <= self.final_tune_fraction < 1:
             raise OptionError(f"final_tune_fraction must be in [0, 1) (got {self.final_tune_fraction!r})")
+        if not 0 <= self.start_trial_fraction < 1 or self.start_trial_fraction + self.final_tune_fraction >= 1:
+            raise OptionError(f"start_trial_fraction must be in [0, 1) and leave steps to learn "
+                              f"(got {self.start_trial_fraction!r})")

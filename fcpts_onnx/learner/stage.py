@@ -127,6 +127,9 @@ def learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, tr
         "step_time_s": round(result.step_time_s, 5),
         "initial_allocation": learner.start_name if len(candidates) > 1 else next(iter(candidates)),
         "start_candidates_holdout_loss": start_losses,
+        # with reconstruction: each candidate's held-out loss after start_trial_steps of tuning
+        "start_trials_holdout_loss": learner.start_trials,
+        "start_trial_steps": learner.start_trial_steps,
         # True when the target was too high to keep one weight in every output channel
         "channel_protection_relaxed": bool(learner.protection_relaxed),
         "initial_sparsity": result.initial_sparsity,
