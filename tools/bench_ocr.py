@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", default="best", help="fcpts start allocation (LearnOptions.init)")
+    parser.add_argument("--threshold-lr", type=float, default=LearnOptions.threshold_lr)
+    parser.add_argument("--final-tune", type=float, default=LearnOptions.final_tune_fraction,
+                        help="share of steps with the allocation frozen (LearnOptions.final_tune_fraction)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     models = rapidocr_models()
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             report = sparsify(model, out, calib, sparsity=args.sparsity, method=method, reconstruct=recon == "on",
                               learn=LearnOptions(iters=args.iters, batch_size=args.batch_size, seed=args.seed,
-                                                 init=args.init),
+                                                 init=args.init, threshold_lr=args.threshold_lr,
+                                                 final_tune_fraction=args.final_tune),
                               report_path=False)
             seconds = time.perf_counter() - start
             sparse = ort.InferenceSession(str(out)).run(None, {"x": test})[0]

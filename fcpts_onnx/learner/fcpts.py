@@ -448,7 +448,7 @@ class Learner:
 
     def _run_phase(self, iters: int, *, learn_thresholds: bool, reconstruct: bool,
                    eval_every: int, phase: str, start_step: int, best: dict, lr_scale: float = 1.0,
-                   freeze_at: int | None = None) -> int:
+                   freeze_at: int | None = None, step_times: list[float] | None = None) -> int:
         """``freeze_at``: the step from which the allocation is fixed (projected once) and only
         the weights keep learning, with the same optimizer state and learning-rate schedule."""
         opts = self.options
@@ -470,6 +470,7 @@ class Learner:
         order = torch.randperm(self.n_train, generator=self.generator)
         cursor = 0
         for step in range(iters):
+            started = time.perf_counter()
             if learn_thresholds and freeze_at is not None and step == freeze_at:
                 self._freeze()
                 learn_thresholds, phase = False, "tune"
@@ -511,6 +512,8 @@ class Learner:
                     layer.clamp_theta()
             value = float(rec.detach())
             self._losses.append(value)
+            if step_times is not None:
+                step_times.append(time.perf_counter() - started)
             if (step + 1) % eval_every == 0 or step == iters - 1:
                 self._evaluate(start_step + step + 1, learn_thresholds, best)
             if self.progress is not None:
@@ -577,10 +580,12 @@ class Learner:
             self.budget_s = opts.time_budget if opts.time_budget is not None else DEFAULT_TIME_BUDGET
             probe = 3
             self.total_steps = probe
-            t0 = time.perf_counter()
+            times: list[float] = []
             self._run_phase(probe, learn_thresholds=learn, reconstruct=opts.reconstruct, lr_scale=0.0,
-                            eval_every=10**9, phase="timing", start_step=0, best=best)
-            step_time = (time.perf_counter() - t0) / probe
+                            eval_every=10**9, phase="timing", start_step=0, best=best, step_times=times)
+            # the median, so one step stalled by another process does not size the whole run (a
+            # default MNIST run on a loaded machine once planned 167 steps instead of 360)
+            step_time = float(np.median(times))
             remaining = self.budget_s - (time.perf_counter() - self.created)
             # about 25 held-out evaluations, and a 10% margin
             fit = max(5, int(0.9 * (remaining - 25 * eval_time) / step_time))
