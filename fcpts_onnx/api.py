@@ -215,7 +215,7 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
                 f"finite weights) or leave the layer dense with --exclude '{w.name}'")
     problem = AllocationProblem(
         magnitudes=magnitudes,
-        shapes=[w.shape for w in found.weights],
+        shapes=[w.matrix_shape for w in found.weights],
         target=options.sparsity,
         max_layer_sparsity=options.max_layer_sparsity,
     )

@@ -106,6 +106,13 @@ class PrunableWeight:
         return self.consumers[0].op_type
 
     @property
+    def matrix_shape(self) -> tuple[int, ...]:
+        """The shape of one weight matrix, for ERK's fan-in + fan-out rule: a recurrent weight
+        holds one [gates * hidden, input] matrix per direction, and the directions are not a
+        kernel axis (counted as one, a bidirectional layer would get half its ERK density)."""
+        return self.shape[1:] if self.op_type in RECURRENT_OP_TYPES else self.shape
+
+    @property
     def node_names(self) -> list[str]:
         return [c.node_name for c in self.consumers]
 

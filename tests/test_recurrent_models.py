@@ -84,3 +84,18 @@ def test_fcpts_prunes_recurrent_weights_to_the_exact_target(kind, tmp_path):
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (y,) = session.run(None, {"x": rng.standard_normal((3, STEPS, FEATURES)).astype(np.float32)})
     assert y.shape == (3, STEPS, 3) and np.isfinite(y).all()
+
+
+def test_erk_counts_each_direction_as_its_own_matrix(tmp_path):
+    """ERK's density follows fan-in + fan-out of one [gates * hidden, input] matrix: the
+    direction axis of a bidirectional layer is not a kernel axis."""
+    from fcpts_onnx.allocation.erk import erk_ratios
+
+    model = onnx.load(str(export("LSTM", tmp_path / "m.onnx")))
+    found = discover(model)
+    w, r = [w for w in found.weights if w.op_type == "LSTM"]
+    assert w.matrix_shape == (4 * HIDDEN, FEATURES) and r.matrix_shape == (4 * HIDDEN, HIDDEN)
+    head = next(x for x in found.weights if x.op_type != "LSTM")
+    assert head.matrix_shape == head.shape
+    ratio = erk_ratios([w.matrix_shape])[0]
+    assert ratio == pytest.approx((4 * HIDDEN + FEATURES) / (4 * HIDDEN * FEATURES))
