@@ -186,6 +186,23 @@ def external_data_name(output_path: Path) -> str:
     return output_path.name + ".data"
 
 
+def _mark_external(model: onnx.ModelProto, location: str) -> None:
+    """Mark the tensors of 1 KiB or more to be written to ``location`` (relative to the model).
+
+    onnx.save_model(..., location=...) refuses when a file of that name exists in the current
+    working directory, not the model's folder: re-running an optimize whose output sat in the
+    working directory failed. Converting without a location (a unique name) and renaming the
+    location in the proto writes the same file without that check.
+    """
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location=None, size_threshold=1024)
+    for tensor in _all_tensors(model.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+
+
 def check_output_path(output_path: Path, input_model: LoadedModel) -> None:
     """Refuse outputs that would overwrite the input or land where nothing can be written."""
     input_files = {input_model.path.resolve()}
@@ -245,10 +262,8 @@ class StagedOutput:
             if external_data:
                 to_save = onnx.ModelProto()
                 to_save.CopyFrom(model)  # onnx.save moves tensors out of the proto it is given
-                onnx.save_model(
-                    to_save, str(self.model_path), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=self.data_path.name, size_threshold=1024,
-                )
+                _mark_external(to_save, self.data_path.name)
+                onnx.save_model(to_save, str(self.model_path))  # writes the marked tensors beside it
             else:
                 onnx.save_model(model, str(self.model_path))
         except OSError as exc:

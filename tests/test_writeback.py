@@ -429,6 +429,21 @@ def test_external_input_gives_external_output(tmp_path):
     np.testing.assert_allclose(y, np.maximum(feed["x"] @ w1, 0) @ w2.T + G.rand((16,), 2), rtol=1e-4, atol=1e-4)
 
 
+def test_rerun_into_the_working_directory_with_external_data(tmp_path, monkeypatch):
+    """onnx's own save checks for an existing data file relative to the working directory:
+    the second identical run, from the output's folder, used to fail with "cannot write"."""
+    src = G.mlp_big()
+    in_path = G.save(src, tmp_path / "in.onnx", external=True)
+    monkeypatch.chdir(tmp_path)
+    first = sparsify(in_path, Path("out.onnx"), sparsity=0.5, report_path=False)
+    digest = _sha(tmp_path / "out.onnx.data")
+    second = sparsify(in_path, Path("out.onnx"), sparsity=0.6, report_path=False)
+    assert _listing(tmp_path) == {"in.onnx", "w.data", "out.onnx", "out.onnx.data"}
+    assert _sha(tmp_path / "out.onnx.data") != digest  # replaced, not kept
+    assert first.zero_params < second.zero_params
+    assert _pruned_values_check(src, onnx.load_model("out.onnx"), ["W1", "W2"]) == _expected_zeros(0.6, 1024 + 512)
+
+
 def test_external_input_written_as_single_file_on_request(tmp_path):
     src = G.mlp_big()
     in_path = G.save(src, tmp_path / "in.onnx", external=True)
