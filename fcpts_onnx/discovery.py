@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -24,7 +25,20 @@ from onnx import numpy_helper
 from .errors import OptionError, UnsupportedModelError
 
 RECURRENT_OP_TYPES = ("LSTM", "GRU", "RNN")
-PRUNABLE_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", *RECURRENT_OP_TYPES)
+# onnxruntime's offline optimizer (ORT_ENABLE_EXTENDED) writes these com.microsoft ops in place
+# of a plain one plus an activation, transpose or scale; the weight is the plain op's weight.
+CONTRIB_DOMAIN = "com.microsoft"
+FUSED_OP_TYPES = {"FusedConv": "Conv", "FusedGemm": "Gemm", "FusedMatMul": "MatMul"}
+PRUNABLE_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", *RECURRENT_OP_TYPES, *FUSED_OP_TYPES)
+
+
+def plain_op_type(op_type: str, domain: str = "") -> str | None:
+    """The standard op a prunable node multiplies like (FusedConv -> Conv), None if not prunable."""
+    if domain in ("", "ai.onnx"):
+        return op_type if op_type in PRUNABLE_OP_TYPES and op_type not in FUSED_OP_TYPES else None
+    if domain == CONTRIB_DOMAIN:
+        return FUSED_OP_TYPES.get(op_type)
+    return None
 
 # Weight dtypes we can prune: the value is read as float32 for ranking and written back
 # in its own dtype.
@@ -250,14 +264,15 @@ def _weight_input_indices(node: onnx.NodeProto, index: GraphIndex) -> list[int]:
     """Which inputs of a prunable node hold its weights (at most one; W and R for recurrent ops)."""
     if len(node.input) < 2:
         return []
-    if node.op_type in RECURRENT_OP_TYPES:
+    op_type = plain_op_type(node.op_type, node.domain)
+    if op_type in RECURRENT_OP_TYPES:
         # W (input weights) and R (recurrence weights) are matrices each step multiplies by.
         return [k for k in (1, 2) if k < len(node.input) and node.input[k]
                 and index.resolve(node.input[k], through_views=True)[0] is not None]
-    if node.op_type in ("Conv", "ConvTranspose"):
+    if op_type in ("Conv", "ConvTranspose"):
         # Only a constant weight (initializer/Constant, maybe behind Identity or Transpose) is prunable.
         return [1] if index.resolve(node.input[1], through_views=True)[0] is not None else []
-    if node.op_type in ("Gemm", "MatMul"):
+    if op_type in ("Gemm", "MatMul"):
         # The constant side is the weight; right is the usual one (x @ W).
         right, _ = index.resolve(node.input[1], through_views=True)
         if right is not None:
@@ -283,7 +298,7 @@ def refuse_quantized(model: onnx.ModelProto) -> None:
     quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES})
     qdq = [
         _node_label(n, i) for i, n in enumerate(model.graph.node)
-        if n.op_type in PRUNABLE_OP_TYPES and _dequantize_fed(n, index)
+        if plain_op_type(n.op_type, n.domain) is not None and _dequantize_fed(n, index)
     ]
     if quantized or qdq:
         what = ", ".join(quantized) if quantized else f"QDQ-fed weights ({qdq[0]}...)"
@@ -345,7 +360,8 @@ def _node_macs(node: onnx.NodeProto, weight_shape: tuple[int, ...], weight_input
         return dims
 
     size = int(np.prod(weight_shape, dtype=np.int64))
-    if node.op_type in RECURRENT_OP_TYPES:
+    op_type = plain_op_type(node.op_type, node.domain)
+    if op_type in RECURRENT_OP_TYPES:
         # Every step multiplies each direction's W by X_t and R by H_t-1: size(W or R) MACs per
         # step and batch item, over the whole sequence (sequence_lens only ever shortens it).
         x = shapes.get(node.input[0])
@@ -354,26 +370,47 @@ def _node_macs(node: onnx.NodeProto, weight_shape: tuple[int, ...], weight_input
         layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
         steps, batch = (x[1], x[0]) if layout else (x[0], x[1])
         return None if steps is None else size * steps * (1 if batch is None else batch)
-    if node.op_type == "Conv":
+    if op_type == "Conv":
         out = per_inference(shapes.get(node.output[0]))
         # Each output element takes (C/groups * kernel) MACs; size(W) = M * that.
         return None if out is None else size * int(np.prod(out[2:], dtype=np.int64)) * out[0]
-    if node.op_type == "ConvTranspose":
+    if op_type == "ConvTranspose":
         inp = per_inference(shapes.get(node.input[0]))
         return None if inp is None else size * int(np.prod(inp[2:], dtype=np.int64)) * inp[0]
     out = per_inference(shapes.get(node.output[0]))
     if out is None:
         return None
-    if node.op_type == "Gemm":
-        trans = {a.name: a.i for a in node.attribute}
+    trans = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+    if op_type == "Gemm":
         # K is the contracted dimension of the weight, whichever side it sits on.
         if weight_input == 1:
             k = weight_shape[1] if trans.get("transB", 0) else weight_shape[0]
         else:
             k = weight_shape[0] if trans.get("transA", 0) else weight_shape[1]
         return int(np.prod(out, dtype=np.int64)) * k
-    k = weight_shape[-2] if weight_input == 1 else weight_shape[-1]
-    return int(np.prod(out, dtype=np.int64)) * k
+    return int(np.prod(out, dtype=np.int64)) * weight_shape[matmul_contracted_axis(trans, weight_input, len(weight_shape))]
+
+
+def matmul_contracted_axis(attrs: Mapping[str, Any], weight_input: int, rank: int) -> int:
+    """The axis of a (Fused)MatMul operand, as the node receives it, that the product sums over (K).
+
+    FusedMatMul reads an operand given as [rows, batch..., cols] as [batch..., rows, cols] when
+    transBatchA/B is set, then swaps the last two axes when transA/B is set.
+    """
+    rows, cols = _matmul_rows_cols(attrs, weight_input, rank)
+    return rows if weight_input == 1 else cols  # K: the rows of B, the cols of A
+
+
+def matmul_output_axis(attrs: Mapping[str, Any], weight_input: int, rank: int) -> int:
+    """The axis of a (Fused)MatMul operand, as the node receives it, that indexes the outputs."""
+    rows, cols = _matmul_rows_cols(attrs, weight_input, rank)
+    return cols if weight_input == 1 else rows
+
+
+def _matmul_rows_cols(attrs: Mapping[str, Any], weight_input: int, rank: int) -> tuple[int, int]:
+    side = "B" if weight_input == 1 else "A"
+    rows, cols = (0, rank - 1) if rank >= 3 and attrs.get(f"transBatch{side}", 0) else (rank - 2, rank - 1)
+    return (cols, rows) if attrs.get(f"trans{side}", 0) else (rows, cols)
 
 
 def _subgraph_weights(node: onnx.NodeProto, node_index: int, outer: GraphIndex) -> Iterable[SkippedWeight]:
@@ -437,7 +474,7 @@ def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
         if node.op_type in SUBGRAPH_OP_TYPES:
             in_subgraphs.extend(_subgraph_weights(node, i, index))
             continue
-        if node.op_type not in PRUNABLE_OP_TYPES or node.domain not in ("", "ai.onnx"):
+        if plain_op_type(node.op_type, node.domain) is None:
             continue
         for k in _weight_input_indices(node, index):
             source, _, perm, via = index.resolve_view(node.input[k])
@@ -449,7 +486,8 @@ def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
                 reason = f"{onnx.TensorProto.DataType.Name(tensor.data_type)} weight; only float weights are pruned"
             elif len(shape) < 2:
                 reason = "weight has fewer than 2 dimensions"
-            elif node.op_type not in selected_ops:
+            elif node.op_type not in selected_ops and FUSED_OP_TYPES.get(node.op_type) not in selected_ops:
+                # Naming Conv keeps selecting the model's Convs after onnxruntime fused them.
                 reason = f"{node.op_type} not in --op-types"
             elif any(p.search(source.name) or p.search(label) for p in patterns):
                 reason = "matches --exclude"

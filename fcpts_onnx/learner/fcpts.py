@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..allocation.problem import AllocationProblem, smallest_scores
-from ..discovery import RECURRENT_OP_TYPES, PrunableWeight
+from ..discovery import FUSED_OP_TYPES, RECURRENT_OP_TYPES, PrunableWeight, matmul_output_axis
 from .bridge import kde_index, layer_sparsity, silverman_bandwidth
 from .loss import distillation_loss, output_loss_kinds
 from .options import DEFAULT_ITERS, DEFAULT_TIME_BUDGET, LearnOptions
@@ -91,18 +91,21 @@ def output_axis(weight: PrunableWeight, attrs_of: Callable[[int], dict]) -> int:
 
 
 def _output_axis_as_read(c, rank: int, attrs_of: Callable[[int], dict]) -> int:
-    if c.op_type == "Conv":
+    op_type = FUSED_OP_TYPES.get(c.op_type, c.op_type)  # FusedConv reads its weight like Conv
+    if op_type == "Conv":
         return 0
-    if c.op_type == "ConvTranspose":
+    if op_type == "ConvTranspose":
         return 1
-    if c.op_type in RECURRENT_OP_TYPES:  # W, R: [directions, gates * hidden (the outputs), input]
+    if op_type in RECURRENT_OP_TYPES:  # W, R: [directions, gates * hidden (the outputs), input]
         return 1
-    if c.op_type == "Gemm":
+    if op_type == "Gemm":
         attrs = attrs_of(c.node_index)
         if c.input_index == 1:
             return 0 if attrs.get("transB", 0) else 1
         return 1 if attrs.get("transA", 0) else 0
-    return rank - 1 if c.input_index == 1 else rank - 2
+    # MatMul; FusedMatMul's transA/B and transBatchA/B move the output axis.
+    attrs = attrs_of(c.node_index) if c.op_type in FUSED_OP_TYPES else {}
+    return matmul_output_axis(attrs, c.input_index, rank)
 
 
 def keep_mask(mags: torch.Tensor, k: int) -> torch.Tensor:

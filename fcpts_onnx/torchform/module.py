@@ -18,7 +18,7 @@ import onnx
 import torch
 from torch import nn
 
-from ..discovery import ConstantSource, GraphIndex, PrunableWeight, locate_tensor
+from ..discovery import CONTRIB_DOMAIN, ConstantSource, GraphIndex, PrunableWeight, locate_tensor, plain_op_type
 from ..errors import FcptsError, UnsupportedModelError
 from . import ops  # noqa: F401  (registers the operators)
 from .dtypes import to_torch
@@ -31,6 +31,16 @@ _TUNABLE_INPUTS = {
     "BatchNormalization": {1: "norm", 2: "norm"}, "LayerNormalization": {1: "norm", 2: "norm"},
     "InstanceNormalization": {1: "norm", 2: "norm"}, "GroupNormalization": {1: "norm", 2: "norm"},
 }
+# The same for onnxruntime's fused contrib ops, kept apart: op types are only unique per domain.
+_CONTRIB_TUNABLE_INPUTS = {"FusedConv": {2: "bias"}, "FusedGemm": {2: "bias"}}
+
+
+def _tunable_inputs(node: onnx.NodeProto) -> dict[int, str]:
+    if node.domain in ("", "ai.onnx"):
+        return _TUNABLE_INPUTS.get(node.op_type, {})
+    if node.domain == CONTRIB_DOMAIN:
+        return _CONTRIB_TUNABLE_INPUTS.get(node.op_type, {})
+    return {}
 
 
 class NodeExecutionError(RuntimeError):
@@ -146,7 +156,7 @@ class OnnxModule(nn.Module):
             key = add_parameter(ConstantSource(w.storage, w.index, w.name), "weight")
             self.prunable_keys.append(key)
         for node in graph.node:
-            for i, role in _TUNABLE_INPUTS.get(node.op_type, {}).items():
+            for i, role in _tunable_inputs(node).items():
                 if role in tune and i < len(node.input) and node.input[i]:
                     source, _ = index.resolve(node.input[i])
                     if source is not None and source.tensor(model).data_type in (
@@ -190,7 +200,7 @@ class OnnxModule(nn.Module):
                 continue
             for a, b in ((0, 1), (1, 0)):
                 producer = producer_of.get(node.input[a])
-                if producer is None or producer.op_type not in ("MatMul", "Gemm"):
+                if producer is None or plain_op_type(producer.op_type, producer.domain) not in ("MatMul", "Gemm"):
                     continue
                 weights = [index.resolve(n, through_views=True)[0] for n in producer.input[:2]]
                 if not any(w is not None and w.name in prunable_names for w in weights):

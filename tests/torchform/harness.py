@@ -31,7 +31,10 @@ def single_node_model(node: onnx.NodeProto, inputs: Mapping[str, np.ndarray], *,
     graph_outputs = [onnx.ValueInfoProto(name=name) for name in (outputs or [o for o in node.output if o])]
     inits = [numpy_helper.from_array(a, name) for name, a in (initializers or {}).items()]
     graph = helper.make_graph([*extra_nodes, node], "single_node", graph_inputs, graph_outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    # Contrib domains (com.microsoft) used by the nodes are imported at version 1, the only one.
+    contrib = sorted({n.domain for n in (*extra_nodes, node)} - {"", "ai.onnx"})
+    imports = [helper.make_opsetid("", opset), *(helper.make_opsetid(d, 1) for d in contrib)]
+    model = helper.make_model(graph, opset_imports=imports)
     model.ir_version = min(model.ir_version, 10)
     return model
 

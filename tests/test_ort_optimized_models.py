@@ -1,0 +1,77 @@
+"""Models saved by onnxruntime's offline optimizer (com.microsoft fused ops) are sparsified end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import fcpts_onnx
+from fcpts_onnx.discovery import discover
+from fcpts_onnx.learner.options import LearnOptions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_zoo():
+    # tools/zoo.py is not a package module; load it once, the way tests/torchform/test_models.py does.
+    if "fcpts_zoo" in sys.modules:
+        return sys.modules["fcpts_zoo"]
+    spec = importlib.util.spec_from_file_location("fcpts_zoo", ROOT / "tools" / "zoo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fcpts_zoo"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+zoo = _load_zoo()
+
+ort.set_default_logger_severity(3)
+
+
+def _ort_optimized(name: str, tmp_path: Path) -> Path:
+    """``name`` from the zoo, legacy export at opset 17, then saved by onnxruntime at ORT_ENABLE_EXTENDED."""
+    entry = zoo.ZOO[name]
+    exported = zoo.export(entry.build(), entry.inputs(batch=2, seed=0), tmp_path / f"{name}.onnx", dynamo=False,
+                          opset=17, input_names=entry.input_names, output_names=entry.output_names,
+                          dynamic_axes=entry.dynamic_axes)
+    optimized = tmp_path / f"{name}.ort.onnx"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(exported), options, providers=["CPUExecutionProvider"])
+    return optimized
+
+
+@pytest.mark.parametrize("name,fused", [("resnet_tiny", {"FusedConv"}), ("bert_tiny", {"FusedMatMul", "FusedGemm", "BiasGelu"})])
+def test_ort_optimized_model_is_sparsified(name, fused, tmp_path):
+    optimized = _ort_optimized(name, tmp_path)
+    model = onnx.load(str(optimized))
+    contrib = {n.op_type for n in model.graph.node if n.domain == "com.microsoft"}
+    assert fused <= contrib, contrib
+    weights = discover(model).weights
+    fused_weights = {w.name for w in weights if w.op_type in ("FusedConv", "FusedGemm", "FusedMatMul")}
+    # FusedMatMul in bert_tiny multiplies activations (Q K^T scaled): no weight; FusedGemm has one.
+    assert fused_weights, [w.op_type for w in weights]
+
+    out = tmp_path / f"{name}.sparse.onnx"
+    report = fcpts_onnx.sparsify(optimized, out, "random", sparsity=0.5, learn=LearnOptions(iters=5))
+
+    assert report.zero_params == report.required_zeros == round(0.5 * report.total_params)
+    written = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    assert {n for n in fused_weights if np.any(written[n] == 0)} == fused_weights
+    total = sum(written[w.name].size for w in weights)
+    zeros = sum(int(np.sum(written[w.name] == 0)) for w in weights)
+    assert zeros == report.zero_params and total == report.total_params
+
+    entry = zoo.ZOO[name]
+    feeds = {n: t.numpy() for n, t in zip(entry.input_names, entry.inputs(batch=2, seed=1))}
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (logits,) = session.run([entry.output_names[0]], feeds)
+    assert np.all(np.isfinite(logits))
