@@ -75,3 +75,15 @@ def test_ort_optimized_model_is_sparsified(name, fused, tmp_path):
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (logits,) = session.run([entry.output_names[0]], feeds)
     assert np.all(np.isfinite(logits))
+
+
+def test_op_types_name_the_plain_or_the_fused_form(tmp_path):
+    """--op-types Conv keeps selecting a model's convolutions after onnxruntime fused them;
+    --op-types FusedConv selects only the fused ones."""
+    model = onnx.load(str(_ort_optimized("resnet_tiny", tmp_path)))
+    every = discover(model).weights
+    convs = {w.name for w in every if w.op_type in ("Conv", "FusedConv")}
+    fused = {w.name for w in every if w.op_type == "FusedConv"}
+    assert fused and convs - fused  # the model has both
+    assert {w.name for w in discover(model, op_types=["Conv"]).weights} == convs
+    assert {w.name for w in discover(model, op_types=["FusedConv"]).weights} == fused
