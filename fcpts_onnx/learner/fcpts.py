@@ -587,7 +587,8 @@ class Learner:
             self._run_phase(probe, learn_thresholds=learn, reconstruct=opts.reconstruct, lr_scale=0.0,
                             eval_every=10**9, phase="timing", start_step=0, best=best, step_times=times)
             # the median, so one step stalled by another process does not size the whole run (a
-            # default MNIST run on a loaded machine once planned 167 steps instead of 360)
+            # default MNIST run on a loaded machine once planned 167 steps instead of 360; the
+            # mean over the probe was used then, and the stall itself was not isolated)
             step_time = float(np.median(times))
             remaining = self.budget_s - (time.perf_counter() - self.created)
             # about 25 held-out evaluations, and a 10% margin
