@@ -87,3 +87,15 @@ def test_op_types_name_the_plain_or_the_fused_form(tmp_path):
     assert fused and convs - fused  # the model has both
     assert {w.name for w in discover(model, op_types=["Conv"]).weights} == convs
     assert {w.name for w in discover(model, op_types=["FusedConv"]).weights} == fused
+
+
+def test_inspect_counts_macs_past_fused_ops_without_shape(tmp_path):
+    """Shape inference stops at contrib ops; with only the batch dynamic, inspect measures the
+    shapes with one onnxruntime run at batch 1 and counts every layer's MACs, as --shape does."""
+    from fcpts_onnx.inspection import inspect_model
+
+    path = _ort_optimized("resnet_tiny", tmp_path)
+    auto = inspect_model(path)
+    pinned = inspect_model(path, input_shapes={"input": (1, 3, 64, 64)})
+    assert all(layer["macs"] for layer in auto["layers"])
+    assert [layer["macs"] for layer in auto["layers"]] == [layer["macs"] for layer in pinned["layers"]]
