@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from fcpts_onnx.torchform import OnnxModule
 
 from .harness import assert_close, check_node, run_both, single_node_model
-from .test_ops_nn import SETTINGS, TOL, assert_refused, rand, seeds
+from .test_ops_nn import SETTINGS, TOL, assert_refused, draw_normalized_shape, rand, seeds
 
 
 def _attention_case(data, seed: int, opset: int):
@@ -141,9 +141,7 @@ def test_attention_refuses_3d_without_heads():
 @SETTINGS
 @given(data=st.data(), seed=seeds)
 def test_rms_normalization(data, seed):
-    shape = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=4))
-    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
-    norm_shape = shape[axis:]
+    shape, axis, norm_shape = draw_normalized_shape(data)
     # the scale may broadcast over the normalised axes
     scale_shape = [d if data.draw(st.booleans()) else 1 for d in norm_shape]
     scale_shape = scale_shape[data.draw(st.integers(0, len(scale_shape) - 1)):]

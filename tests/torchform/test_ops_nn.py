@@ -229,12 +229,17 @@ def test_instance_normalization(shape, seed):
     check_node(node, {"x": rand(seed, *shape)}, opset=6, initializers={"s": rand(1, c), "b": rand(2, c)}, **TOL)
 
 
+def draw_normalized_shape(data) -> tuple[list[int], int, list[int]]:
+    """A random input shape, a normalisation axis (maybe negative), and the normalised dims."""
+    shape = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=4))
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    return shape, axis, shape[axis:]
+
+
 @SETTINGS
 @given(data=st.data(), seed=seeds)
 def test_layer_normalization(data, seed):
-    shape = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=4))
-    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
-    norm_shape = shape[axis:]
+    shape, axis, norm_shape = draw_normalized_shape(data)
     outputs = ["y", "mean" if data.draw(st.booleans()) else "", "inv" if data.draw(st.booleans()) else ""]
     while not outputs[-1]:
         outputs.pop()

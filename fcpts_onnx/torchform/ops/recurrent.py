@@ -272,31 +272,11 @@ def _lstm(ctx, layout, x, w, r, b=None, sequence_lens=None, initial_h=None, init
     return _run(rec, 4, cell, x, w, r, b, sequence_lens, initial_h, initial_c, p, with_cell=True)
 
 
-@register("RNN", since=7)
-def rnn_7(ctx, *inputs):
-    return _rnn(ctx, 0, *inputs)
+def _register_versions(op_type: str, run) -> None:
+    """Opset 7 has no ``layout`` (always 0: sequence first); opset 14 reads it."""
+    register(op_type, since=7)(lambda ctx, *inputs: run(ctx, 0, *inputs))
+    register(op_type, since=14)(lambda ctx, *inputs: run(ctx, int(ctx.attr("layout", 0)), *inputs))
 
 
-@register("RNN", since=14)
-def rnn_14(ctx, *inputs):
-    return _rnn(ctx, int(ctx.attr("layout", 0)), *inputs)
-
-
-@register("GRU", since=7)
-def gru_7(ctx, *inputs):
-    return _gru(ctx, 0, *inputs)
-
-
-@register("GRU", since=14)
-def gru_14(ctx, *inputs):
-    return _gru(ctx, int(ctx.attr("layout", 0)), *inputs)
-
-
-@register("LSTM", since=7)
-def lstm_7(ctx, *inputs):
-    return _lstm(ctx, 0, *inputs)
-
-
-@register("LSTM", since=14)
-def lstm_14(ctx, *inputs):
-    return _lstm(ctx, int(ctx.attr("layout", 0)), *inputs)
+for _op_type, _run_op in (("RNN", _rnn), ("GRU", _gru), ("LSTM", _lstm)):
+    _register_versions(_op_type, _run_op)
