@@ -197,6 +197,38 @@ def test_fit_result_is_exact_and_never_worse_than_its_start_on_held_out_data():
     assert result.final_holdout_loss <= start
 
 
+@pytest.mark.parametrize("learn_thresholds", [True, False])
+def test_weights_pruned_all_run_keep_their_values(learn_thresholds):
+    """Weight decay acts on kept weights only. Adam normalises each step, so decay in a pruned
+    weight's otherwise zero gradient moved it to zero by about lr a step, and a layer whose
+    threshold fell could revive only near-zero weights."""
+    learner, *_ = make_learner(mlp(), iters=30, lr=1e-2, weight_decay=0.1, final_tune_fraction=0.0,
+                               learn_thresholds=learn_thresholds)
+    original = {layer.key: layer.weight.detach().clone() for layer in learner.layers}
+
+    def pruned_now():
+        if not learn_thresholds:
+            return {key: ~mask for key, mask in learner.fixed_masks.items()}
+        return {layer.key: (layer.weight.detach().abs() <= layer.threshold()) & ~layer.protect
+                for layer in learner.layers}
+
+    for layer in learner.layers:
+        layer.refresh()
+    never_kept = pruned_now()
+
+    def progress(step, total, info):
+        for key, pruned in pruned_now().items():
+            never_kept[key] &= pruned
+
+    learner.progress = progress
+    learner.fit()
+    for layer in learner.layers:
+        frozen = never_kept[layer.key]
+        assert int(frozen.sum()) > 20
+        assert torch.equal(layer.weight.detach()[frozen], original[layer.key][frozen])
+        assert not torch.equal(layer.weight.detach()[~frozen], original[layer.key][~frozen])
+
+
 def _fit_from(candidates: dict, **opts):
     learner, _, _, module = make_learner(mlp(), **({"iters": 20} | opts))
     learner.choose_start(candidates)

@@ -433,7 +433,8 @@ class Learner:
             p.requires_grad_(reconstruct)
         groups = []
         if reconstruct:
-            groups.append({"params": weight_params, "weight_decay": self.options.weight_decay})
+            # weight decay on the prunable weights is added by _decay_kept, to the kept ones only
+            groups.append({"params": weight_params, "weight_decay": 0.0})
             if other:
                 groups.append({"params": other, "weight_decay": 0.0})
         opt_w = torch.optim.Adam(groups, lr=self.options.lr * lr_scale) if groups else None
@@ -441,6 +442,24 @@ class Learner:
         if learn_thresholds and self.options.constraint == "penalty":
             opt_t = torch.optim.Adam([layer.theta for layer in self.layers], lr=self.options.threshold_lr)
         return opt_w, opt_t
+
+    @torch.no_grad()
+    def _decay_kept(self, learned: bool) -> None:
+        """Weight decay (L2, into the gradient) on the weights the forward pass kept, only.
+
+        Adam normalises each weight's step. A pruned weight's loss gradient is zero, so with
+        the decay in its gradient Adam moved it towards zero by about lr every step: on MNIST
+        the pruned weights' median magnitude fell from 3e-2 to 1e-5 in one run. A layer whose
+        threshold then fell revived only those near-zero weights, so the learned allocation
+        could in effect move one way only, towards sparser. Untouched, a pruned weight keeps
+        its value and comes back as it was when its layer's threshold falls below it.
+        """
+        for layer in self.layers:
+            w = layer.weight
+            if w.grad is None:
+                continue
+            keep = ((w.abs() > layer.threshold()) | layer.protect) if learned else self.fixed_masks[layer.key]
+            w.grad.add_(w * keep, alpha=self.options.weight_decay)
 
     def _freeze(self) -> None:
         """Project the learned thresholds onto exact counts; those masks stay fixed from now on."""
@@ -506,6 +525,8 @@ class Learner:
             for layer in self.layers:
                 layer.theta.grad = None
             loss.backward()
+            if reconstruct and opts.weight_decay:
+                self._decay_kept(learn_thresholds)
             for o in optimizers:
                 o.step()
             if projected:
