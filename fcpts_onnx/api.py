@@ -185,8 +185,9 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
                          "about real data (smoke test only)")
         else:
             calibration = _calibration(calibration_data, loaded, input_shapes)
-        # Dynamic-shape exports: count MACs at the calibration data's sample shape.
-        one_sample = calibration.take(slice(0, 1)).arrays
+        # Dynamic-shape exports: count MACs at the calibration data's sample shape (a graph with
+        # a fixed batch is measured at that batch: onnxruntime refuses any other).
+        one_sample = calibration.take(slice(0, static_batch(loaded.model) or 1)).arrays
         assign_macs(loaded.model, found.weights, {k: v.shape for k, v in one_sample.items()}, feed=one_sample)
     if needs_data:
         fixed_batch = static_batch(loaded.model)

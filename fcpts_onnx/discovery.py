@@ -28,7 +28,9 @@ RECURRENT_OP_TYPES = ("LSTM", "GRU", "RNN")
 # onnxruntime's offline optimizer (ORT_ENABLE_EXTENDED) writes these com.microsoft ops in place
 # of a plain one plus an activation, transpose or scale; the weight is the plain op's weight.
 CONTRIB_DOMAIN = "com.microsoft"
-FUSED_OP_TYPES = {"FusedConv": "Conv", "FusedGemm": "Gemm", "FusedMatMul": "MatMul"}
+# com.microsoft Attention multiplies its input by one packed [input_hidden, Q + K + V hidden]
+# weight first: the three projections of the unfused graph, read as MatMul's right operand.
+FUSED_OP_TYPES = {"FusedConv": "Conv", "FusedGemm": "Gemm", "FusedMatMul": "MatMul", "Attention": "MatMul"}
 PRUNABLE_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", *RECURRENT_OP_TYPES, *FUSED_OP_TYPES)
 
 
@@ -272,6 +274,8 @@ def _weight_input_indices(node: onnx.NodeProto, index: GraphIndex) -> list[int]:
     if op_type in ("Conv", "ConvTranspose"):
         # Only a constant weight (initializer/Constant, maybe behind Identity or Transpose) is prunable.
         return [1] if index.resolve(node.input[1], through_views=True)[0] is not None else []
+    if node.op_type == "Attention":  # (com.microsoft) input 0 is the activations, 1 the packed weight
+        return [1] if index.resolve(node.input[1], through_views=True)[0] is not None else []
     if op_type in ("Gemm", "MatMul"):
         # The constant side is the weight; right is the usual one (x @ W).
         right, _ = index.resolve(node.input[1], through_views=True)
@@ -377,6 +381,9 @@ def _node_macs(node: onnx.NodeProto, weight_shape: tuple[int, ...], weight_input
     if op_type == "ConvTranspose":
         inp = per_inference(shapes.get(node.input[0]))
         return None if inp is None else size * int(np.prod(inp[2:], dtype=np.int64)) * inp[0]
+    if node.op_type == "Attention":  # (com.microsoft) every input position times the packed weight
+        x = per_inference(shapes.get(node.input[0]))
+        return None if x is None else size * int(np.prod(x[:-1], dtype=np.int64))
     out = per_inference(shapes.get(node.output[0]))
     if out is None:
         return None

@@ -99,3 +99,55 @@ def test_inspect_counts_macs_past_fused_ops_without_shape(tmp_path):
     pinned = inspect_model(path, input_shapes={"input": (1, 3, 64, 64)})
     assert all(layer["macs"] for layer in auto["layers"])
     assert [layer["macs"] for layer in auto["layers"]] == [layer["macs"] for layer in pinned["layers"]]
+
+
+def _transformer_optimized(tmp_path: Path) -> Path:
+    """bert_tiny through onnxruntime's transformers optimizer, as optimum's ORTOptimizer runs it:
+    packed-QKV Attention, SkipLayerNormalization and BiasGelu in com.microsoft."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    entry = zoo.ZOO["bert_tiny"]
+    exported = zoo.export(entry.build(), entry.inputs(batch=2, seed=0), tmp_path / "bert.onnx", dynamo=False,
+                          opset=17, input_names=entry.input_names, output_names=entry.output_names,
+                          dynamic_axes=entry.dynamic_axes)
+    optimized = optimize_model(str(exported), model_type="bert", num_heads=4, hidden_size=64, opt_level=0)
+    path = tmp_path / "bert.fused.onnx"
+    optimized.save_model_to_file(str(path))
+    return path
+
+
+def test_transformer_fused_bert_is_exact_and_sparsified(tmp_path):
+    """The packed Q/K/V weight of com.microsoft Attention is pruned like the MatMuls it replaced;
+    SkipLayerNormalization's and BiasGelu's folded biases and norms are tuned and written back."""
+    from fcpts_onnx.inspection import inspect_model
+
+    path = _transformer_optimized(tmp_path)
+    model = onnx.load(str(path))
+    ops = {n.op_type for n in model.graph.node if n.domain == "com.microsoft"}
+    assert {"Attention", "SkipLayerNormalization", "BiasGelu"} <= ops, ops
+    weights = discover(model).weights
+    packed = {w.name for w in weights if w.op_type == "Attention"}
+    assert len(packed) == 2 and all(w.shape == (64, 192) for w in weights if w.name in packed)
+    # MACs of the packed weight: every token times the [64, 192] weight (sequence 16, batch 1)
+    layers = {layer["name"]: layer for layer in inspect_model(path, input_shapes={
+        "input_ids": (1, 16), "attention_mask": (1, 16)})["layers"]}
+    assert all(layers[name]["macs"] == 16 * 64 * 192 for name in packed)
+
+    entry = zoo.ZOO["bert_tiny"]
+    ids, mask = entry.inputs(batch=48, seed=3)
+    calib = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    out = tmp_path / "bert.sparse.onnx"
+    report = fcpts_onnx.sparsify(path, out, calib, sparsity=0.6, learn=LearnOptions(iters=8))
+    parity = report.to_dict()["learning"]["parity"]  # refused before learning if it had failed
+    assert parity["passed"] and parity["outputs"], parity
+    assert report.zero_params == report.required_zeros == round(0.6 * report.total_params)
+    written = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    assert all(0.2 < np.mean(written[name] == 0) < 0.98 for name in packed)
+    original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    norms = [n.input[2] for n in model.graph.node if n.op_type == "SkipLayerNormalization"]
+    assert any(not np.array_equal(written[g], original[g]) for g in norms)  # the gammas were tuned
+
+    feeds = {n: t.numpy() for n, t in zip(entry.input_names, entry.inputs(batch=2, seed=1))}
+    dense = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    sparse = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.all(np.isfinite(sparse)) and not np.array_equal(sparse, dense)

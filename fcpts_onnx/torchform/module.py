@@ -30,9 +30,17 @@ _TUNABLE_INPUTS = {
     "LSTM": {3: "bias"}, "GRU": {3: "bias"}, "RNN": {3: "bias"},
     "BatchNormalization": {1: "norm", 2: "norm"}, "LayerNormalization": {1: "norm", 2: "norm"},
     "InstanceNormalization": {1: "norm", 2: "norm"}, "GroupNormalization": {1: "norm", 2: "norm"},
+    "RMSNormalization": {1: "norm"}, "SimplifiedLayerNormalization": {1: "norm"},
 }
 # The same for onnxruntime's fused contrib ops, kept apart: op types are only unique per domain.
-_CONTRIB_TUNABLE_INPUTS = {"FusedConv": {2: "bias"}, "FusedGemm": {2: "bias"}}
+_CONTRIB_TUNABLE_INPUTS = {
+    "FusedConv": {2: "bias"}, "FusedGemm": {2: "bias"}, "Attention": {2: "bias"},
+    # the biases of the MatMuls that onnxruntime's transformer fusions folded in
+    "BiasGelu": {1: "bias"}, "FastGelu": {1: "bias"},
+    "SkipLayerNormalization": {2: "norm", 3: "norm", 4: "bias"},
+    "SkipSimplifiedLayerNormalization": {2: "norm", 3: "bias"},
+    "EmbedLayerNormalization": {5: "norm", 6: "norm"},
+}
 
 
 def _tunable_inputs(node: onnx.NodeProto) -> dict[int, str]:
