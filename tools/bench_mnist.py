@@ -9,7 +9,9 @@ markdown table (method x sparsity, reconstruction off/on) and the wall time of e
 With several ``--seeds`` (the learner's batch order and subsamples), each learned cell is the
 mean accuracy over seeds with its range; data-free runs without reconstruction use no seed and
 run once. One image of 4488 is 0.022%, so near the dense accuracy a second table gives the
-test log-loss (mean cross-entropy of the labels), which moves continuously.
+test log-loss (mean cross-entropy of the labels), which moves continuously, and a third the
+KL divergence from the dense model's outputs on the same images (fidelity, the learner's
+objective; log-loss can go below the dense model's, KL cannot go below 0).
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nTest log-loss (mean cross-entropy of the 4488 labels; dense "
           f"{results['dense_nll']:.4f}), lower is better:\n")
     _table(results["runs"], methods, recon_modes, sparsities, "test_nll", "{:.4f}")
+    print("\nFidelity: KL(dense || sparse) of the output distributions on the 4488 test images "
+          "(T=1), lower is better:\n")
+    _table(results["runs"], methods, recon_modes, sparsities, "test_kl", "{:.5f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
