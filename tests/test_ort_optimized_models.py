@@ -103,7 +103,8 @@ def test_inspect_counts_macs_past_fused_ops_without_shape(tmp_path):
 
 def _transformer_optimized(tmp_path: Path) -> Path:
     """bert_tiny through onnxruntime's transformers optimizer, as optimum's ORTOptimizer runs it:
-    packed-QKV Attention, SkipLayerNormalization and BiasGelu in com.microsoft."""
+    packed-QKV Attention fed by EmbedLayerNormalization's mask index, SkipLayerNormalization and
+    BiasGelu, all in com.microsoft."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     entry = zoo.ZOO["bert_tiny"]
@@ -124,7 +125,7 @@ def test_transformer_fused_bert_is_exact_and_sparsified(tmp_path):
     path = _transformer_optimized(tmp_path)
     model = onnx.load(str(path))
     ops = {n.op_type for n in model.graph.node if n.domain == "com.microsoft"}
-    assert {"Attention", "SkipLayerNormalization", "BiasGelu"} <= ops, ops
+    assert {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu"} <= ops, ops
     weights = discover(model).weights
     packed = {w.name for w in weights if w.op_type == "Attention"}
     assert len(packed) == 2 and all(w.shape == (64, 192) for w in weights if w.name in packed)
