@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from .masks import magnitude, zero_smallest
 from .onnx_io import LoadedModel, check_output_path, check_report_path, load_model, sha256_of, staged_output
 from .report import LayerRow, Report
 from .resources import check_declared_shapes, default_memory_limit, format_bytes
-from .sparse_storage import to_sparse_storage
+from .sparse_storage import densify, to_sparse_storage
 from .verify import check_model_file, count_zeros_in_file, fidelity, run_onnxruntime
 from .writeback import apply_updates
 
@@ -164,6 +164,8 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
     with timer.stage("load"):
         loaded = load_model(model_input)
         input_sha = sha256_of(loaded.path)
+        # a file written with --store sparse is re-optimized as the dense tensors it stands for
+        loaded = replace(loaded, model=densify(loaded.model))
     output_path = Path(model_output) if model_output is not None else default_output_path(loaded.path)
     check_output_path(output_path, loaded)
     if report_path is None:
@@ -253,8 +255,8 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
         "target_sparsity": repr(options.sparsity),
         "achieved_sparsity": f"{achieved:.8f}", "zeros": f"{problem.n_zeros}/{problem.total}",
     }
-    if options.store == "sparse":
-        metadata["store"] = "sparse"
+    # always written: a re-optimized --store sparse file must not keep claiming its old storage
+    metadata["store"] = options.store
     with timer.stage("write_back"):
         out_model = apply_updates(loaded.model, updates, metadata)
         if options.store == "sparse":

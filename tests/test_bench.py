@@ -30,6 +30,7 @@ from fcpts_onnx.bench.protocol import WORKER, call_worker
 from fcpts_onnx.bench.runners import DEFAULT_VENV, ENV_PYTHON, ROOT
 from fcpts_onnx.cli import main
 from fcpts_onnx.discovery import discover
+from fcpts_onnx.learner.options import LearnOptions
 from fcpts_onnx.sparse_storage import densify, sparse_to_dense, stored_values, to_sparse_storage, worthwhile
 from fcpts_onnx.verify import count_zeros_in_file
 
@@ -561,6 +562,29 @@ def test_optimize_store_sparse_end_to_end(tiny_model, tmp_path, capfd):
     assert result.models[1]["storage"] == "sparse_initializer"
     assert result.models[1]["macs"]["zero_params"] == report["zero_params"]
     assert result.models[1]["sizes"]["file_bytes"] == out.stat().st_size
+
+
+def test_a_sparse_stored_file_is_re_optimized_as_its_dense_tensors(tiny_model, tmp_path):
+    """Re-optimizing a --store sparse output (to a higher target, with learning) reads its sparse
+    initializers as the dense tensors they stand for: its zeros stay zeros, the input file is
+    untouched, and the new file says how it is stored."""
+    stored = tmp_path / "stored.onnx"
+    sparsify(tiny_model, stored, sparsity=0.9, method="global", report_path=False, store="sparse")
+    assert onnx.load(str(stored)).graph.sparse_initializer
+    before = stored.read_bytes()
+    feed = {"x": np.random.default_rng(2).standard_normal((24, 3, 6, 6)).astype(np.float32)}
+    again = tmp_path / "again.onnx"
+    report = sparsify(stored, again, feed, sparsity=0.95, method="fcpts", report_path=False,
+                      learn=LearnOptions(iters=3))
+    assert stored.read_bytes() == before
+    written = onnx.load(str(again))
+    assert not written.graph.sparse_initializer
+    assert report.zero_params == round(0.95 * 428)
+    assert sum(layer.zeros_before for layer in report.layers) == round(0.9 * 428)
+    old = {w.name: stored_values(onnx.load(str(stored)), w) for w in discover(onnx.load(str(tiny_model))).weights}
+    new = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    assert all(np.all(new[name][values == 0] == 0) for name, values in old.items())
+    assert {p.key: p.value for p in written.metadata_props}["fcpts_onnx.store"] == "dense"
 
 
 def test_store_option_is_validated(tiny_model, tmp_path, capfd):
