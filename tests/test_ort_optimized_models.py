@@ -101,7 +101,7 @@ def test_inspect_counts_macs_past_fused_ops_without_shape(tmp_path):
     assert [layer["macs"] for layer in auto["layers"]] == [layer["macs"] for layer in pinned["layers"]]
 
 
-def _transformer_optimized(tmp_path: Path) -> Path:
+def _transformer_optimized(tmp_path: Path, fp16: bool = False) -> Path:
     """bert_tiny through onnxruntime's transformers optimizer, as optimum's ORTOptimizer runs it:
     packed-QKV Attention fed by EmbedLayerNormalization's mask index, SkipLayerNormalization and
     BiasGelu, all in com.microsoft."""
@@ -112,6 +112,8 @@ def _transformer_optimized(tmp_path: Path) -> Path:
                           opset=17, input_names=entry.input_names, output_names=entry.output_names,
                           dynamic_axes=entry.dynamic_axes)
     optimized = optimize_model(str(exported), model_type="bert", num_heads=4, hidden_size=64, opt_level=0)
+    if fp16:  # as optimum's fp16 optimization writes it: fp16 inside, float32 inputs and outputs
+        optimized.convert_float_to_float16(keep_io_types=True)
     path = tmp_path / "bert.fused.onnx"
     optimized.save_model_to_file(str(path))
     return path
@@ -152,3 +154,23 @@ def test_transformer_fused_bert_is_exact_and_sparsified(tmp_path):
     dense = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     sparse = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert np.all(np.isfinite(sparse)) and not np.array_equal(sparse, dense)
+
+
+def test_transformer_fused_fp16_bert_passes_parity_and_is_sparsified(tmp_path):
+    """fp16 between float32 boundaries: onnxruntime's own rounding (about 1e-3 relative here)
+    is above the float32 tolerance, so parity is judged at fp16's."""
+    path = _transformer_optimized(tmp_path, fp16=True)
+    model = onnx.load(str(path))
+    packed = [t for t in model.graph.initializer if t.name in {w.name for w in discover(model).weights}
+              and t.data_type == onnx.TensorProto.FLOAT16]
+    assert packed
+    entry = zoo.ZOO["bert_tiny"]
+    ids, mask = entry.inputs(batch=32, seed=3)
+    out = tmp_path / "bert16.sparse.onnx"
+    report = fcpts_onnx.sparsify(path, out, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()},
+                                 sparsity=0.5, learn=LearnOptions(iters=3))
+    parity = report.to_dict()["learning"]["parity"]
+    assert parity["passed"] and all(o["dtype"] == "float32" and o["tolerance"] == 1e-2 for o in parity["outputs"])
+    assert report.zero_params == report.required_zeros == round(0.5 * report.total_params)
+    written = {t.name: t for t in onnx.load(str(out)).graph.initializer}
+    assert all(written[t.name].data_type == onnx.TensorProto.FLOAT16 for t in packed)

@@ -237,3 +237,42 @@ def test_model_matches_onnxruntime_and_trains(name, exporter, opset, tmp_path):
         _check_outputs(model, session, module, batch)
     _check_gradients(module, feeds[0])
     _check_weights(model, module, expected)
+
+
+def _mixed_precision_model(half: int) -> onnx.ModelProto:
+    """float32 in and out, a half-precision MatMul chain between two Casts, as
+    ``convert_float_to_float16(keep_io_types=True)`` writes a graph."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(size=(256, 256)).astype(np.float16) * np.float16(0.06), f"W{i}")
+               for i in range(3)]
+    nodes = [helper.make_node("Cast", ["x"], ["h0"], to=half)]
+    for i in range(3):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", f"W{i}"], [f"m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("Cast", ["h3"], ["y"], to=TensorProto.FLOAT))
+    if half == TensorProto.FLOAT:  # the float32 control: same graph, float32 weights
+        weights = [numpy_helper.from_array(numpy_helper.to_array(w).astype(np.float32), w.name) for w in weights]
+    graph = helper.make_graph(nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 256])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_parity_allows_half_precision_inside_a_float32_graph():
+    from onnx import TensorProto
+
+    from fcpts_onnx.torchform.parity import check_parity, half_precision_floor
+
+    feeds = {"x": np.random.default_rng(1).normal(size=(4, 256)).astype(np.float32)}
+    model = _mixed_precision_model(TensorProto.FLOAT16)
+    result = check_parity(model, OnnxModule(model, discover(model).weights), feeds)
+    (output,) = result.outputs
+    # onnxruntime computes the chain in fp16, we in float32: their difference is fp16 rounding,
+    # far above the float32 tolerance, well inside fp16's
+    assert output.dtype == "float32" and 1e-4 < output.relative_diff < 1e-2, output
+    assert output.tolerance == 1e-2 and result.passed
+    control = _mixed_precision_model(TensorProto.FLOAT)
+    assert half_precision_floor(control) == 0.0
+    (output,) = check_parity(control, OnnxModule(control, discover(control).weights), feeds).outputs
+    assert output.tolerance == 1e-4 and output.passed
