@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..calibration import static_batch
 from ..onnx_io import LoadedModel, load_model
 from ..sparse_storage import densify, has_sparse_storage
 from .errors import BenchError
@@ -209,13 +210,14 @@ def benchmark(
         found, why = find_weights(dense)
         if why:
             notes.append(f"{label}: no MAC or sparsity figures ({why})")
+        items = static_batch(dense) or 1  # a graph with a fixed batch runs at no other
         info = {
             "label": label, "path": str(path), "role": "dense reference" if i == 0 else "compared",
             "ir_version": loaded.model.ir_version,
             "opset": max((o.version for o in loaded.model.opset_import if o.domain in ("", "ai.onnx")), default=0),
             "storage": "sparse_initializer" if has_sparse_storage(loaded.model) else "dense",
             "sizes": model_sizes(path, loaded.external_data_files, dense, found.weights if found else []),
-            "macs": macs_summary(dense, found, source.feed(1)),
+            "macs": macs_summary(dense, found, source.feed(items), items),
         }
         entries.append(_Model(label, loaded, dense, source, info))
 

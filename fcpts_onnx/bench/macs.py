@@ -23,12 +23,17 @@ def find_weights(model: onnx.ModelProto) -> tuple[Discovery | None, str | None]:
         return None, str(exc)
 
 
-def macs_summary(model: onnx.ModelProto, found: Discovery | None, feed_1: Mapping[str, np.ndarray]) -> dict:
-    """Per-layer and total MACs at batch 1 (``feed_1``: one item per input) plus weight sparsity."""
+def macs_summary(model: onnx.ModelProto, found: Discovery | None, feed: Mapping[str, np.ndarray],
+                 items: int = 1) -> dict:
+    """Per-layer and total MACs per item plus weight sparsity. ``feed`` holds ``items`` items per
+    input: 1, or a graph's fixed batch (onnxruntime runs such a graph at no other batch, and
+    its MACs are counted for the whole batch, then divided)."""
     layers = []
     if found is not None and found.weights:
-        assign_macs(model, found.weights, {k: v.shape for k, v in feed_1.items()}, feed=feed_1)
+        assign_macs(model, found.weights, {k: v.shape for k, v in feed.items()}, feed=feed)
         for w in found.weights:
+            if w.macs is not None:
+                w.macs //= items
             values = w.values(model)
             zeros = int(np.count_nonzero(values.reshape(-1) == 0))
             density = (w.size - zeros) / w.size
