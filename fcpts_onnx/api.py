@@ -279,7 +279,7 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
                     f"written model has {written_zeros} zero weights, {problem.n_zeros} required; this is a bug"
                 )
             sparse = run_onnxruntime(stage_out.model_path, fidelity_set, options.batch_size, what="written model")
-            agreement = fidelity(dense, sparse)
+            agreement = fidelity(dense, sparse, options.learn.class_axis)
         written = stage_out.commit()
     output_sha = sha256_of(output_path)
     if sha256_of(loaded.path) != input_sha:  # cannot happen: we never open the input for writing

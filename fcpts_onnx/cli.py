@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"distillation temperature on logits (default {LearnOptions.temperature:g})")
     learn.add_argument("--loss", choices=LOSS_KINDS, default="auto",
                        help="reconstruction loss: auto (KL on logits, NMSE otherwise), kl or nmse")
+    learn.add_argument("--class-axis", type=int, metavar="AXIS",
+                       help="output axis holding class scores, e.g. 1 for segmentation [N, classes, H, W]: "
+                            "KL and top-1 along it, per position (default: last axis of softmax outputs, "
+                            "axis 1 of 2-D logits)")
     learn.add_argument("--holdout", type=float, default=0.1,
                        help="fraction of calibration samples never learned on (default 0.1)")
     learn.add_argument("--seed", type=int, default=0, help="seed of batch order and subsamples (default 0)")
@@ -179,7 +183,7 @@ def _optimize(args: argparse.Namespace) -> int:
     learn = LearnOptions(
         iters=args.iters, batch_size=args.batch_size, lr=args.lr, threshold_lr=args.threshold_lr,
         lambda_=args.lambda_, constraint=args.constraint, init=args.init, temperature=args.temperature, seed=args.seed, time_budget=args.time_budget,
-        loss=args.loss,
+        loss=args.loss, class_axis=args.class_axis,
     )
     options = SparsifyOptions(
         sparsity=args.sparsity, method=args.method, batch_size=args.batch_size, nodes_to_exclude=tuple(args.exclude),

@@ -127,12 +127,29 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def fidelity(dense: dict[str, np.ndarray], sparse: dict[str, np.ndarray]) -> list[OutputFidelity]:
+def fidelity(dense: dict[str, np.ndarray], sparse: dict[str, np.ndarray],
+             class_axis: int | None = None) -> list[OutputFidelity]:
+    """NMSE, cosine and max |diff| of every float output; top-1 agreement and KL where it holds
+    class scores: softmax outputs along their last axis, 2-D logits along axis 1, or every
+    output with ``class_axis`` along it (per position on the other axes)."""
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite outputs give NaN numbers, noted elsewhere
-        return _fidelity(dense, sparse)
+        return _fidelity(dense, sparse, class_axis)
 
 
-def _fidelity(dense: dict[str, np.ndarray], sparse: dict[str, np.ndarray]) -> list[OutputFidelity]:
+def _class_scores(d: np.ndarray, s: np.ndarray) -> tuple[float, float]:
+    """(top-1 agreement, mean KL) along the last axis, per position; softmax applied unless the
+    values already are distributions."""
+    d64, s64 = d.astype(np.float64), s.astype(np.float64)
+    top1 = float(np.mean(d.argmax(axis=-1) == s.argmax(axis=-1)))
+    if looks_like_probabilities(d):
+        log_p, log_q = np.log(np.clip(d64, 1e-12, None)), np.log(np.clip(s64, 1e-12, None))
+        return top1, float(np.mean(np.sum(d64 * (log_p - log_q), axis=-1)))
+    log_p, log_q = _log_softmax(d64), _log_softmax(s64)
+    return top1, float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)))
+
+
+def _fidelity(dense: dict[str, np.ndarray], sparse: dict[str, np.ndarray],
+              class_axis: int | None = None) -> list[OutputFidelity]:
     results = []
     for name, d in dense.items():
         s = sparse[name]
@@ -149,15 +166,13 @@ def _fidelity(dense: dict[str, np.ndarray], sparse: dict[str, np.ndarray]) -> li
         norms = np.linalg.norm(flat_d, axis=1) * np.linalg.norm(flat_s, axis=1)
         cos = np.where(norms > 0, np.sum(flat_d * flat_s, axis=1) / np.where(norms > 0, norms, 1), 1.0)
         top1 = kl = None
-        if looks_like_probabilities(d):
+        if class_axis is not None and d.ndim >= 2 and -d.ndim <= class_axis < d.ndim and d.shape[class_axis] >= 2:
+            top1, kl = _class_scores(np.moveaxis(d, class_axis, -1), np.moveaxis(s, class_axis, -1))
+        elif looks_like_probabilities(d):
             # per position along the last axis (e.g. every time step of a CTC recogniser)
-            top1 = float(np.mean(d.argmax(axis=-1) == s.argmax(axis=-1)))
-            log_p, log_q = np.log(np.clip(d64, 1e-12, None)), np.log(np.clip(s64, 1e-12, None))
-            kl = float(np.mean(np.sum(d64 * (log_p - log_q), axis=-1)))
-        elif looks_like_logits(d):
-            top1 = float(np.mean(d.argmax(axis=1) == s.argmax(axis=1)))
-            log_p, log_q = _log_softmax(d64), _log_softmax(s64)
-            kl = float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
+            top1, kl = _class_scores(d, s)
+        elif looks_like_logits(d):  # 2-D: axis 1 is the last
+            top1, kl = _class_scores(d, s)
         results.append(OutputFidelity(
             name, list(d.shape), nmse, float(np.mean(cos)), float(np.max(np.abs(s64 - d64))) if d.size else 0.0,
             top1, kl, None,

@@ -322,3 +322,65 @@ def test_summary_names_the_start_trials():
                 "step_time_s": 0.2, "memory": {"batch_size": 16}}
     line = _learning_line(learning)
     assert "started from global (best of erk, global after 3 tuning steps each, held-out 1.77, 0.996)" in line
+
+
+# -- the class axis (--class-axis): segmentation-style outputs [N, classes, H, W] -----------------
+
+def test_class_axis_compares_per_pixel_distributions_in_loss_and_report():
+    from fcpts_onnx.learner.loss import distillation_loss, output_loss_kinds
+    from fcpts_onnx.verify import fidelity
+
+    rng = np.random.default_rng(0)
+    teacher = torch.from_numpy(rng.normal(size=(2, 5, 3, 4)).astype(np.float32))
+    student = teacher + 0.5 * torch.from_numpy(rng.normal(size=(2, 5, 3, 4)).astype(np.float32))
+    assert output_loss_kinds({"y": teacher}) == {"y": "nmse"}  # not recognisable as scores by itself
+    kinds = output_loss_kinds({"y": teacher}, class_axis=1)
+    assert kinds == {"y": "kl"}
+    got = float(distillation_loss({"y": student}, {"y": teacher}, kinds, 4.0, class_axis=1))
+    # by hand: KL(softmax(t/T) || softmax(s/T)) T^2 over the 5 classes, averaged over the 24 pixels
+    t, s = teacher.movedim(1, -1).reshape(-1, 5) / 4, student.movedim(1, -1).reshape(-1, 5) / 4
+    expected = float((t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean() * 16)
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert got != pytest.approx(float(distillation_loss({"y": student}, {"y": teacher}, {"y": "kl"}, 4.0)), rel=1e-3)
+    # probabilities along the class axis are compared as distributions, not re-softmaxed
+    assert output_loss_kinds({"y": teacher.softmax(1)}, class_axis=1) == {"y": "kl_prob"}
+    assert output_loss_kinds({"y": teacher}, "nmse", class_axis=1) == {"y": "nmse"}
+
+    (report,) = fidelity({"y": teacher.numpy()}, {"y": student.numpy()}, class_axis=1)
+    assert report.top1_agreement == pytest.approx(float((teacher.argmax(1) == student.argmax(1)).float().mean()))
+    log_p, log_q = teacher.log_softmax(1).double(), student.log_softmax(1).double()
+    assert report.kl == pytest.approx(float((log_p.exp() * (log_p - log_q)).sum(1).mean()), rel=1e-6)
+    (plain,) = fidelity({"y": teacher.numpy()}, {"y": student.numpy()})
+    assert plain.top1_agreement is None and plain.kl is None
+
+
+def test_class_axis_must_be_an_integer():
+    from fcpts_onnx.errors import OptionError
+
+    with pytest.raises(OptionError, match="--class-axis must be an integer"):
+        LearnOptions(class_axis=1.5)
+
+
+def test_class_axis_from_the_command_line_reaches_learning_and_the_report(tmp_path, capfd):
+    import json
+
+    from fcpts_onnx.cli import main
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Conv", ["r", "W2"], ["y"])], "seg",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.normal(size=(4, 8, 1, 1)).astype(np.float32), "W2")])
+    path = tmp_path / "seg.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(40, 3, 6, 6)).astype(np.float32))
+    code = main(["optimize", str(path), "--calib", str(tmp_path / "calib.npz"), "--sparsity", "0.5",
+                 "--iters", "3", "--class-axis", "1", "-o", str(tmp_path / "out.onnx"), "--quiet"])
+    assert code == 0, capfd.readouterr().err
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert report["learning"]["options"]["class_axis"] == 1
+    (output,) = report["fidelity"]
+    assert output["top1_agreement"] is not None and output["kl"] is not None  # per pixel over the 4 classes

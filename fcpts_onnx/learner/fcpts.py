@@ -188,7 +188,7 @@ class Learner:
         self.protection_relaxed = False
         self.teacher_train = self._teacher(self.train)
         self.teacher_holdout = self._teacher(self.holdout)
-        self.kinds = output_loss_kinds(self.teacher_train, options.loss)
+        self.kinds = output_loss_kinds(self.teacher_train, options.loss, options.class_axis)
         self.total = float(problem.total)
 
     def _set_start(self, counts: np.ndarray) -> None:
@@ -341,7 +341,8 @@ class Learner:
                 batch = {k: v[start:start + self.options.batch_size] for k, v in self.holdout.items()}
                 teacher = {k: v[start:start + self.options.batch_size] for k, v in self.teacher_holdout.items()}
                 out = self.module.run(batch)
-                total += float(distillation_loss(out, teacher, self.kinds, self.options.temperature)) * \
+                total += float(distillation_loss(out, teacher, self.kinds, self.options.temperature,
+                                                 self.options.class_axis)) * \
                     next(iter(batch.values())).shape[0]
         return total / n
 
@@ -513,7 +514,7 @@ class Learner:
                 self._use_fixed(self.fixed_masks)
             batch = {k: v[index] for k, v in self.train.items()}
             teacher = {k: v[index] for k, v in self.teacher_train.items()}
-            rec = distillation_loss(self.module.run(batch), teacher, self.kinds, opts.temperature)
+            rec = distillation_loss(self.module.run(batch), teacher, self.kinds, opts.temperature, opts.class_axis)
             loss = rec
             sparsity = None
             projected = learn_thresholds and opts.constraint == "projected"

@@ -3,7 +3,8 @@
 Classification logits: KL(softmax(z_dense / T) || softmax(z_sparse / T)) * T^2 (T = 4 in the
 reference). Outputs that are already distributions (a softmax ends the graph): KL of the
 distributions. Any other float output: squared error normalised by the teacher's energy.
-Several outputs: the sum. Integer/bool outputs carry no gradient and are left out.
+Several outputs: the sum. Integer/bool outputs carry no gradient and are left out. The class
+axis is the last (2-D logits: axis 1) unless ``class_axis`` names another.
 """
 
 from __future__ import annotations
@@ -29,14 +30,30 @@ def is_probabilities(t: torch.Tensor) -> bool:
     return bool(torch.allclose(t.sum(dim=-1), torch.ones((), dtype=t.dtype, device=t.device), atol=1e-3))
 
 
-def output_loss_kinds(teacher: Mapping[str, torch.Tensor], kind: str = "auto") -> dict[str, str]:
+def _classes_last(t: torch.Tensor, class_axis: int | None) -> torch.Tensor:
+    """``t`` with its class axis moved last (unchanged when the axis is None or out of range)."""
+    if class_axis is None or not -t.dim() <= class_axis < t.dim() or t.dim() < 2:
+        return t
+    return t.movedim(class_axis, -1)
+
+
+def output_loss_kinds(teacher: Mapping[str, torch.Tensor], kind: str = "auto",
+                      class_axis: int | None = None) -> dict[str, str]:
     """The loss of each float output under "auto": "kl" for logits, "kl_prob" for
-    probabilities (softmax outputs), "nmse" otherwise."""
+    probabilities (softmax outputs), "nmse" otherwise.
+
+    ``class_axis`` (``--class-axis``): the axis that holds class scores, e.g. 1 for a
+    segmentation output [N, classes, H, W]. Every float output with that axis is compared as a
+    distribution along it, per position on the others (unless ``kind`` is "nmse").
+    """
     kinds = {}
     for name, t in teacher.items():
         if not t.is_floating_point():
             continue
-        if kind != "auto":
+        moved = _classes_last(t, class_axis)
+        if class_axis is not None and moved is not t and kind != "nmse":
+            kinds[name] = "kl_prob" if is_probabilities(moved) else "kl"
+        elif kind != "auto":
             kinds[name] = "kl_prob" if kind == "kl" and is_probabilities(t) else kind
         elif is_probabilities(t):
             kinds[name] = "kl_prob"
@@ -46,10 +63,12 @@ def output_loss_kinds(teacher: Mapping[str, torch.Tensor], kind: str = "auto") -
 
 
 def distillation_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],
-                      kinds: Mapping[str, str], temperature: float) -> torch.Tensor:
+                      kinds: Mapping[str, str], temperature: float, class_axis: int | None = None) -> torch.Tensor:
     total = None
     for name, kind in kinds.items():
         s, t = student[name], teacher[name]
+        if kind in ("kl", "kl_prob"):
+            s, t = _classes_last(s, class_axis), _classes_last(t, class_axis)
         if kind == "kl":
             s2, t2 = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
             loss = F.kl_div(F.log_softmax(s2 / temperature, dim=-1), F.log_softmax(t2 / temperature, dim=-1),

@@ -41,6 +41,10 @@ class LearnOptions:
         learn_thresholds: learn the allocation (fcpts); False keeps the initial masks fixed.
         reconstruct: tune surviving weights, biases and normalisation parameters.
         loss: "auto" (KL for logits, NMSE otherwise), "kl" or "nmse".
+        class_axis: the output axis that holds class scores (1 for a segmentation output
+            [N, classes, H, W]); outputs with it are compared as distributions along it, per
+            position, in the loss and in the fidelity report. None: the last axis of softmax
+            outputs and axis 1 of 2-D logits.
         eval_every: steps between held-out evaluations (None: about 20 per run).
         final_tune_fraction: share of iters at the end in which the allocation is frozen (projected
             once) and only the weights keep learning (fcpts with reconstruction).
@@ -64,6 +68,7 @@ class LearnOptions:
     learn_thresholds: bool = True
     reconstruct: bool = True
     loss: str = "auto"
+    class_axis: int | None = None
     eval_every: int | None = None
     final_tune_fraction: float = 0.2
     start_trial_fraction: float = 0.2
@@ -89,6 +94,8 @@ class LearnOptions:
             raise OptionError(f"--constraint must be one of {', '.join(CONSTRAINTS)} (got {self.constraint!r})")
         if self.init not in INITS:
             raise OptionError(f"--init must be one of {', '.join(INITS)} (got {self.init!r})")
+        if self.class_axis is not None and (not isinstance(self.class_axis, int) or isinstance(self.class_axis, bool)):
+            raise OptionError(f"--class-axis must be an integer axis (got {self.class_axis!r})")
         if self.loss not in LOSS_KINDS:
             raise OptionError(f"--loss must be one of {', '.join(LOSS_KINDS)} (got {self.loss!r})")
         if not 0 <= self.final_tune_fraction < 1:
