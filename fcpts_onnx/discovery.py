@@ -274,7 +274,7 @@ def _weight_input_indices(node: onnx.NodeProto, index: GraphIndex) -> list[int]:
     if op_type in ("Conv", "ConvTranspose"):
         # Only a constant weight (initializer/Constant, maybe behind Identity or Transpose) is prunable.
         return [1] if index.resolve(node.input[1], through_views=True)[0] is not None else []
-    if node.op_type == "Attention":  # (com.microsoft) input 0 is the activations, 1 the packed weight
+    if op_type == "MatMul" and node.op_type == "Attention":  # com.microsoft: input 1 is the packed weight
         return [1] if index.resolve(node.input[1], through_views=True)[0] is not None else []
     if op_type in ("Gemm", "MatMul"):
         # The constant side is the weight; right is the usual one (x @ W).
@@ -381,7 +381,7 @@ def _node_macs(node: onnx.NodeProto, weight_shape: tuple[int, ...], weight_input
     if op_type == "ConvTranspose":
         inp = per_inference(shapes.get(node.input[0]))
         return None if inp is None else size * int(np.prod(inp[2:], dtype=np.int64)) * inp[0]
-    if node.op_type == "Attention":  # (com.microsoft) every input position times the packed weight
+    if op_type == "MatMul" and node.op_type == "Attention":  # com.microsoft: every position times the weight
         x = per_inference(shapes.get(node.input[0]))
         return None if x is None else size * int(np.prod(x[:-1], dtype=np.int64))
     out = per_inference(shapes.get(node.output[0]))

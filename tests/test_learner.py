@@ -359,6 +359,10 @@ def test_class_axis_must_be_an_integer():
 
     with pytest.raises(OptionError, match="--class-axis must be an integer"):
         LearnOptions(class_axis=1.5)
+    from fcpts_onnx.learner.loss import output_loss_kinds
+
+    with pytest.raises(OptionError, match=r"--class-axis 3: no float output has that axis \(y: 2-D\)"):
+        output_loss_kinds({"y": torch.zeros(4, 10)}, class_axis=3)
 
 
 def test_class_axis_from_the_command_line_reaches_learning_and_the_report(tmp_path, capfd):

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from ..errors import OptionError
 from .options import LOSS_KINDS  # noqa: F401  (re-exported)
 
 
@@ -59,6 +60,11 @@ def output_loss_kinds(teacher: Mapping[str, torch.Tensor], kind: str = "auto",
             kinds[name] = "kl_prob"
         else:
             kinds[name] = "kl" if is_logits(t) else "nmse"
+    if class_axis is not None and not any(_classes_last(t, class_axis) is not t for t in teacher.values()
+                                          if t.is_floating_point()):
+        ranks = ", ".join(f"{name}: {t.dim()}-D" for name, t in teacher.items() if t.is_floating_point())
+        raise OptionError(f"--class-axis {class_axis}: no float output has that axis ({ranks}); "
+                          "name an axis of the output that holds class scores")
     return kinds
 
 
