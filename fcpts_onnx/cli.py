@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--init", choices=INITS, default=LearnOptions.init,
                        help="fcpts starting allocation; best (default) picks the data-free allocation "
                             "with the lowest held-out loss")
+    learn.add_argument("--no-refine", dest="refine", action="store_false",
+                       help="fcpts without reconstruction: skip the pair exchanges of zeros between layers "
+                            "that follow the gradient steps (on by default; they take up to 30%% of the time budget)")
     learn.add_argument("--temperature", type=float, default=LearnOptions.temperature,
                        help=f"distillation temperature on logits (default {LearnOptions.temperature:g})")
     learn.add_argument("--loss", choices=LOSS_KINDS, default="auto",
@@ -183,7 +186,7 @@ def _optimize(args: argparse.Namespace) -> int:
     learn = LearnOptions(
         iters=args.iters, batch_size=args.batch_size, lr=args.lr, threshold_lr=args.threshold_lr,
         lambda_=args.lambda_, constraint=args.constraint, init=args.init, temperature=args.temperature, seed=args.seed, time_budget=args.time_budget,
-        loss=args.loss, class_axis=args.class_axis,
+        loss=args.loss, class_axis=args.class_axis, refine=args.refine,
     )
     options = SparsifyOptions(
         sparsity=args.sparsity, method=args.method, batch_size=args.batch_size, nodes_to_exclude=tuple(args.exclude),

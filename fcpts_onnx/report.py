@@ -120,8 +120,17 @@ def _learning_line(learning: dict) -> str:
         what = f"reconstruction after {learning['method']}"
     loss = learning["holdout_loss"]
     moved = ""
+    refined = learning.get("refinement")
     if loss.get("initial") is not None and loss.get("best") is not None:
-        moved = f"; held-out loss {loss['initial']:.4g} -> {loss['best']:.4g} (best at step {learning['best_step']})"
+        stepped = refined["holdout_loss"]["before"] if refined else loss["best"]
+        moved = f"; held-out loss {loss['initial']:.4g} -> {stepped:.4g} (best at step {learning['best_step']})"
+    if refined:
+        moved += (f"; then {refined['exchanges_kept']} of {refined['evaluations']} pair exchanges kept in "
+                  f"{refined['seconds']:.0f} s"
+                  + ("" if refined["converged"] else " (stopped by the time budget)")
+                  + f", learning-split loss {refined['train_loss']['before']:.4g} -> {refined['train_loss']['after']:.4g}, "
+                  + (f"held-out -> {refined['holdout_loss']['after']:.4g}" if refined["accepted"] else
+                     "not used: the held-out loss did not fall" if refined["exchanges_kept"] else "nothing gained"))
     return (f"learned: {what}; {learning['steps']} steps in {learning['seconds']:.0f} s "
             f"({learning['step_time_s']:.2g} s/step, batch {learning['memory']['batch_size']}){moved}")
 

@@ -324,6 +324,85 @@ def test_summary_names_the_start_trials():
     assert "started from global (best of erk, global after 3 tuning steps each, held-out 1.77, 0.996)" in line
 
 
+# -- pair exchanges after the gradient steps (fcpts without reconstruction) ---------------------
+
+def _channels_kept(learner, masks) -> bool:
+    return all(bool(masks[layer.key].any(dim=1 - layer.out_axis).all()) for layer in learner.layers)
+
+
+@settings(max_examples=12, deadline=None)
+@given(target=st.floats(0.3, 0.95), seed=st.integers(0, 50))
+def test_refinement_keeps_the_exact_count_the_bounds_and_every_channel(target, seed):
+    learner, problem, *_ = make_learner(mlp(seed), target=target, seed=seed, reconstruct=False, iters=4)
+    result = learner.fit()
+    refined = learner.refinement
+    assert refined is not None and refined["evaluations"] > 0
+    assert int(result.counts.sum()) == problem.n_zeros
+    assert all(problem.floors <= result.counts) and all(result.counts <= problem.caps)
+    assert [int((~m).sum()) for m in result.masks.values()] == result.counts.tolist()
+    # the learning-split loss never rises; what is reported is what the masks give
+    assert refined["train_loss"]["after"] <= refined["train_loss"]["before"]
+    if refined["accepted"]:
+        assert _channels_kept(learner, result.masks)
+        assert refined["holdout_loss"]["after"] < refined["holdout_loss"]["before"]
+        assert result.final_holdout_loss == refined["holdout_loss"]["after"]
+        assert math.isclose(learner._split_loss(result.masks, learner.train, learner.teacher_train),
+                            refined["train_loss"]["after"], rel_tol=1e-6)
+    else:
+        assert result.final_holdout_loss == refined["holdout_loss"]["before"]
+
+
+def test_refinement_improves_a_poor_allocation_and_keeps_the_masks_magnitude_cuts():
+    """From a deliberately lopsided start (the first layer at 98%), the exchanges move zeros to
+    the second layer: the learning loss falls a long way, and each layer is still a magnitude cut."""
+    learner, problem, *_ = make_learner(mlp(), target=0.6, reconstruct=False, iters=1, threshold_lr=1e-9)
+    first = min(int(problem.caps[0]), problem.n_zeros)
+    lopsided = np.array([first, problem.n_zeros - first])
+    learner._set_start(lopsided)
+    result = learner.fit()
+    refined = learner.refinement
+    assert refined["exchanges_kept"] > 0 and refined["accepted"]
+    assert refined["train_loss"]["after"] < 0.7 * refined["train_loss"]["before"]
+    assert result.counts[0] < lopsided[0]
+    for layer in learner.layers:
+        keep = result.masks[layer.key].reshape(-1)
+        mags = layer.magnitudes()
+        protected = layer.channel_protect()
+        # every pruned weight is no larger than any kept, unprotected weight of its layer
+        if (~keep).any() and (keep & ~protected).any():
+            assert float(mags[~keep].max()) <= float(mags[keep & ~protected].min())
+
+
+def test_refinement_stops_at_its_deadline_and_is_off_with_reconstruction_or_when_asked():
+    learner, *_ = make_learner(mlp(), reconstruct=False, iters=3)
+    learner.fit()
+    best = {"loss": math.inf, "counts": learner.fixed_counts, "masks": learner.fixed_masks}
+    learner._refine(best, deadline=0.0)  # already past: nothing is tried, nothing changes
+    assert learner.refinement["evaluations"] == 0 and not learner.refinement["accepted"]
+    assert best["counts"] is learner.fixed_counts
+    for opts in ({"reconstruct": True}, {"reconstruct": False, "refine": False}):
+        learner, *_ = make_learner(mlp(), iters=3, **opts)
+        learner.fit()
+        assert learner.refinement is None
+
+
+def test_summary_reports_the_exchanges():
+    from fcpts_onnx.report import _learning_line
+
+    learning = {"method": "fcpts", "reconstruct": False, "initial_allocation": "lamp",
+                "holdout_loss": {"initial": 16.0, "best": 15.1}, "best_step": 0, "steps": 300, "seconds": 30.0,
+                "step_time_s": 0.05, "memory": {"batch_size": 64},
+                "refinement": {"evaluations": 170, "exchanges_kept": 9, "converged": True, "seconds": 11.2,
+                               "train_loss": {"before": 16.5, "after": 15.9},
+                               "holdout_loss": {"before": 16.0, "after": 15.1}, "accepted": True}}
+    line = _learning_line(learning)
+    assert "held-out loss 16 -> 16 (best at step 0); then 9 of 170 pair exchanges kept in 11 s" in line
+    assert "learning-split loss 16.5 -> 15.9, held-out -> 15.1" in line
+    learning["refinement"] |= {"accepted": False, "converged": False}
+    line = _learning_line(learning)
+    assert "(stopped by the time budget)" in line and "not used: the held-out loss did not fall" in line
+
+
 # -- the class axis (--class-axis): segmentation-style outputs [N, classes, H, W] -----------------
 
 def test_class_axis_compares_per_pixel_distributions_in_loss_and_report():

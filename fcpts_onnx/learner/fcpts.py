@@ -27,7 +27,12 @@ from ..allocation.problem import AllocationProblem, smallest_scores
 from ..discovery import FUSED_OP_TYPES, RECURRENT_OP_TYPES, PrunableWeight, matmul_output_axis
 from .bridge import kde_index, layer_sparsity, silverman_bandwidth
 from .loss import distillation_loss, output_loss_kinds
-from .options import DEFAULT_ITERS, DEFAULT_TIME_BUDGET, LearnOptions
+from .options import DEFAULT_ITERS, DEFAULT_TIME_BUDGET, REFINE_SHARE, LearnOptions
+
+# Pair exchanges (Learner._refine): the first step moves this share of the smaller layer's
+# weights; a sweep that keeps nothing halves it, down to REFINE_MIN_STEP.
+REFINE_START_STEP = 0.08
+REFINE_MIN_STEP = 0.005
 
 
 @dataclass
@@ -334,12 +339,17 @@ class Learner:
         return smallest_scores([s for s, _ in scores], self.problem)
 
     def _holdout_loss(self, masks: Mapping[str, torch.Tensor]) -> float:
+        return self._split_loss(masks, self.holdout, self.teacher_holdout)
+
+    def _split_loss(self, masks: Mapping[str, torch.Tensor], data: Mapping[str, torch.Tensor],
+                    teacher_outputs: Mapping[str, torch.Tensor]) -> float:
+        """The loss of the network under ``masks`` over a whole split, mean per sample."""
         self._use_fixed(masks)
-        total, n = 0.0, next(iter(self.holdout.values())).shape[0]
+        total, n = 0.0, next(iter(data.values())).shape[0]
         with torch.no_grad():
             for start in range(0, n, self.options.batch_size):
-                batch = {k: v[start:start + self.options.batch_size] for k, v in self.holdout.items()}
-                teacher = {k: v[start:start + self.options.batch_size] for k, v in self.teacher_holdout.items()}
+                batch = {k: v[start:start + self.options.batch_size] for k, v in data.items()}
+                teacher = {k: v[start:start + self.options.batch_size] for k, v in teacher_outputs.items()}
                 out = self.module.run(batch)
                 total += float(distillation_loss(out, teacher, self.kinds, self.options.temperature,
                                                  self.options.class_axis)) * \
@@ -564,6 +574,88 @@ class Learner:
                         learned=[float((layer.magnitudes() <= layer.threshold()).float().mean())
                                  for layer in self.layers])
 
+    def _refine(self, best: dict, deadline: float | None) -> None:
+        """Exchange zeros between pairs of layers while the exact loss on the learning split falls
+        (fcpts without reconstruction, after the gradient steps).
+
+        Without reconstruction the allocation is all there is to learn: L numbers, each a
+        magnitude cut of fixed weights. The straight-through gradient of a hard cut is a poor
+        guide to them: on MNIST at 90% it left every seed within 0.3% of LAMP's held-out loss,
+        and finite differences of one layer's loss differed 2x between forward and backward.
+        A move here is exact instead: layer i takes m more zeros and layer j m fewer
+        (m = ``step`` of the smaller layer's size), so the global count stays exact; it is kept
+        if the hard-mask loss over the whole learning split falls. A sweep tries every ordered
+        pair; a sweep that keeps nothing halves the step. On MNIST at 90% this took the test
+        log-loss from 0.217 to 0.189 in about 170 evaluations. The held-out split decides
+        whether the result replaces the gradient steps' best, as it decides everything else.
+        """
+        started = time.perf_counter()
+        protect = not self.protection_relaxed
+        sizes = np.array(self.sizes, dtype=np.int64)
+        caps = self.problem.caps.astype(np.int64).copy()
+        floors = self.problem.floors.astype(np.int64)
+        positions = []  # per layer: the rank of each weight in pruning order (a mask is one compare)
+        for index, layer in enumerate(self.layers):
+            mags = layer.magnitudes().clone()
+            if protect:
+                guard = layer.channel_protect()
+                mags[guard] = float("inf")
+                caps[index] = min(caps[index], int(sizes[index] - int(guard.sum())))
+            order = torch.sort(mags, stable=True).indices
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(order.numel(), device=order.device)
+            positions.append(rank)
+        caps = np.maximum(caps, floors)
+
+        def masks_of(counts: np.ndarray) -> dict[str, torch.Tensor]:
+            return {layer.key: (rank >= int(k)).reshape(layer.weight.shape)
+                    for layer, rank, k in zip(self.layers, positions, counts)}
+
+        counts = np.asarray(best["counts"], dtype=np.int64).copy()
+        start_loss = current = self._split_loss(masks_of(counts), self.train, self.teacher_train)
+        pairs = [(i, j) for i in range(len(sizes)) for j in range(len(sizes)) if i != j]
+        step, evaluations, kept, converged = REFINE_START_STEP, 0, 0, False
+        if self.progress is not None:
+            self.progress(0, len(pairs), {"phase": "refine", "loss": current, "restart": True,
+                                          "sparsity": self.problem.n_zeros / self.total, "holdout": best["loss"]})
+        while deadline is None or time.perf_counter() < deadline:
+            if step < REFINE_MIN_STEP:
+                converged = True
+                break
+            improved = False
+            for i, j in pairs:
+                if deadline is not None and time.perf_counter() >= deadline:
+                    break
+                move = min(int(step * min(sizes[i], sizes[j])), caps[i] - counts[i], counts[j] - floors[j])
+                if move < 1:
+                    continue
+                trial = counts.copy()
+                trial[i] += move
+                trial[j] -= move
+                loss = self._split_loss(masks_of(trial), self.train, self.teacher_train)
+                evaluations += 1
+                if loss < current:
+                    counts, current, improved = trial, loss, True
+                    kept += 1
+                if self.progress is not None:
+                    self.progress(evaluations, max(evaluations, len(pairs) * (1 + int(math.log2(
+                        max(step / REFINE_MIN_STEP, 1))))), {"phase": "refine", "loss": current, "holdout": best["loss"],
+                                                             "sparsity": self.problem.n_zeros / self.total})
+            if not improved:
+                step /= 2
+        masks = masks_of(counts)
+        holdout = self._holdout_loss(masks) if kept else best["loss"]
+        accepted = kept > 0 and holdout < best["loss"]
+        self.refinement = {
+            "evaluations": evaluations, "exchanges_kept": kept, "converged": converged,
+            "seconds": round(time.perf_counter() - started, 3),
+            "train_loss": {"before": start_loss, "after": current},
+            "holdout_loss": {"before": best["loss"], "after": holdout},
+            "accepted": accepted,
+        }
+        if accepted:
+            best.update(loss=holdout, counts=counts, masks=masks)
+
     def plan_iters(self) -> int:
         """Steps to run: --iters; else as many as the time budget allows at the measured step
         time (-1: decided after timing the first steps), at most DEFAULT_ITERS by default."""
@@ -595,6 +687,8 @@ class Learner:
         self.budget_s = None
         self.limited_by_budget = False
         n_starts = len(self.start_candidates) if learn and opts.reconstruct else 0
+        refine = learn and not opts.reconstruct and opts.refine
+        self.refinement = None
 
         def trial_steps(learning_steps: int) -> int:
             """Steps per candidate start; below 2 no trial is run."""
@@ -613,6 +707,8 @@ class Learner:
             # mean over the probe was used then, and the stall itself was not isolated)
             step_time = float(np.median(times))
             remaining = self.budget_s - (time.perf_counter() - self.created)
+            if refine:  # the pair exchanges at the end get their share
+                remaining *= 1 - REFINE_SHARE
             # about 25 held-out evaluations, and a 10% margin
             fit = max(5, int(0.9 * (remaining - 25 * eval_time) / step_time))
             # the start trials come out of the budget; by default at most DEFAULT_ITERS learning steps
@@ -650,6 +746,11 @@ class Learner:
         loop_steps = iters
         self._restore(best["snap"])
         step_time = (time.perf_counter() - t_loop) / max(1, loop_steps)
+        if refine:
+            budget = self.budget_s if self.budget_s is not None else opts.time_budget
+            deadline = (self.created + budget if budget is not None
+                        else time.perf_counter() + REFINE_SHARE * DEFAULT_TIME_BUDGET)
+            self._refine(best, deadline)
         self._use_fixed(best["masks"])
         losses = self._losses
         return LearnResult(

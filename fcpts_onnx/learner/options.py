@@ -15,6 +15,10 @@ DEFAULT_ITERS = 300
 # many seconds of learning, whichever is fewer: small models get the full schedule, a
 # ResNet-18 at 224x224 on 2 CPU cores (about 7 s a step at batch 64) stays within minutes.
 DEFAULT_TIME_BUDGET = 420.0
+# fcpts without reconstruction ends with pair exchanges on the exact loss (Learner._refine): a
+# budget-sized run gives the gradient steps this much less of its budget, and with --iters the
+# exchanges may take this share of DEFAULT_TIME_BUDGET on top.
+REFINE_SHARE = 0.3
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,9 @@ class LearnOptions:
             and ``init="best"``): each candidate allocation is tuned for an equal part of it and
             the best on the held-out split afterwards is kept, tuned weights included. 0 ranks
             the candidates untuned.
+        refine: fcpts without reconstruction: after the gradient steps, exchange zeros between
+            pairs of layers while the exact (hard-mask) loss on the learning split falls; kept
+            only if the held-out loss agrees. Reconstruction runs ignore it.
     """
 
     iters: int | None = None
@@ -72,6 +79,7 @@ class LearnOptions:
     eval_every: int | None = None
     final_tune_fraction: float = 0.2
     start_trial_fraction: float = 0.2
+    refine: bool = True
 
     def __post_init__(self) -> None:
         def positive(name, value, integer=False):

@@ -136,6 +136,8 @@ def learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, tr
         "learned_sparsity": result.learned_sparsity if learned else None,
         "final_sparsity": [int(k) / n for k, n in zip(result.counts, sizes)],
         "train_loss": result.train_loss,
+        # fcpts without reconstruction: the pair exchanges after the gradient steps (None otherwise)
+        "refinement": learner.refinement,
         "holdout_loss": {"dense": result.dense_holdout_loss, "initial": result.holdout_curve[0][1]
                          if result.holdout_curve else None, "best": result.final_holdout_loss,
                          "curve": result.holdout_curve},
