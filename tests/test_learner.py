@@ -386,6 +386,40 @@ def test_refinement_stops_at_its_deadline_and_is_off_with_reconstruction_or_when
         assert learner.refinement is None
 
 
+def test_refinement_shows_on_the_progress_bar():
+    learner, *_ = make_learner(mlp(), reconstruct=False, iters=3)
+    calls = []
+    learner.progress = lambda step, total, info: calls.append((step, total, dict(info)))
+    learner.fit()
+    refine = [(step, total, info) for step, total, info in calls if info["phase"] == "refine"]
+    assert refine and refine[0][2].get("restart")
+    assert all(0 <= step <= total and math.isfinite(info["loss"]) for step, total, info in refine)
+    assert refine[-1][0] == learner.refinement["evaluations"]
+    assert refine[-1][2]["loss"] == learner.refinement["train_loss"]["after"]
+
+
+@pytest.mark.parametrize("flags, refined", [([], True), (["--no-refine"], False)])
+def test_refinement_from_the_command_line(tmp_path, capfd, flags, refined):
+    import json
+
+    from fcpts_onnx.cli import main
+
+    rng = np.random.default_rng(1)
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp(), str(path))
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(60, 16)).astype(np.float32))
+    code = main(["optimize", str(path), "--calib", str(tmp_path / "calib.npz"), "--sparsity", "0.7",
+                 "--no-reconstruct", "--iters", "3", "-o", str(tmp_path / "out.onnx"), *flags])
+    out = capfd.readouterr()
+    assert code == 0, out.err
+    learning = json.loads((tmp_path / "out.report.json").read_text())["learning"]
+    assert learning["options"]["refine"] is refined
+    assert (learning["refinement"] is not None) is refined
+    assert ("pair exchanges" in out.out) is refined
+    if refined:
+        assert learning["refinement"]["evaluations"] > 0 and learning["refinement"]["converged"]
+
+
 def test_summary_reports_the_exchanges():
     from fcpts_onnx.report import _learning_line
 

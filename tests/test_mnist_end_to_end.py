@@ -142,3 +142,7 @@ def test_fcpts_beats_uniform_by_a_clear_margin_at_80_percent(tmp_path):
     # the allocation moved away from its ERK start, and the report shows both
     assert learning["final_sparsity"] != learning["initial_sparsity"]
     assert report.calibration["held_out_samples"] == 51  # fidelity only on samples never learned on
+    # an allocation-only run ends with pair exchanges on the learning split's exact loss
+    refined = learning["refinement"]
+    assert refined["evaluations"] > 0 and refined["converged"]
+    assert refined["train_loss"]["after"] <= refined["train_loss"]["before"]

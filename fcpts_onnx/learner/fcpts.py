@@ -623,7 +623,8 @@ class Learner:
                 converged = True
                 break
             improved = False
-            for i, j in pairs:
+            halvings_left = int(math.log2(step / REFINE_MIN_STEP))  # sweeps after this one, at least
+            for done, (i, j) in enumerate(pairs):
                 if deadline is not None and time.perf_counter() >= deadline:
                     break
                 move = min(int(step * min(sizes[i], sizes[j])), caps[i] - counts[i], counts[j] - floors[j])
@@ -637,10 +638,10 @@ class Learner:
                 if loss < current:
                     counts, current, improved = trial, loss, True
                     kept += 1
-                if self.progress is not None:
-                    self.progress(evaluations, max(evaluations, len(pairs) * (1 + int(math.log2(
-                        max(step / REFINE_MIN_STEP, 1))))), {"phase": "refine", "loss": current, "holdout": best["loss"],
-                                                             "sparsity": self.problem.n_zeros / self.total})
+                if self.progress is not None:  # the total assumes no later sweep keeps anything
+                    planned = evaluations + len(pairs) - done - 1 + len(pairs) * halvings_left
+                    self.progress(evaluations, planned, {"phase": "refine", "loss": current, "holdout": best["loss"],
+                                                         "sparsity": self.problem.n_zeros / self.total})
             if not improved:
                 step /= 2
         masks = masks_of(counts)
