@@ -386,6 +386,32 @@ def test_refinement_stops_at_its_deadline_and_is_off_with_reconstruction_or_when
         assert learner.refinement is None
 
 
+def test_refinement_tries_first_the_pair_the_gradient_steps_rank_cheapest():
+    """A budget may end a sweep early on a deep model: the first pair tried makes the layer with
+    the lowest marginal cost (running mean of the projected steps' u_l) sparser and the one
+    with the highest denser."""
+    import time
+
+    learner, *_ = make_learner(mlp(hidden=32), target=0.5, reconstruct=False, iters=8)
+    learner.fit()
+    cost = learner.marginal_cost
+    assert cost is not None and cost.shape == (2,) and cost[0] != cost[1]
+    start = np.asarray(learner.fixed_counts)
+    tried = []
+    split_loss = learner._split_loss
+
+    def spy(masks, data, teacher):
+        tried.append([int((~m).sum()) for m in masks.values()])
+        return split_loss(masks, data, teacher)
+
+    learner._split_loss = spy
+    learner._refine({"loss": math.inf, "counts": start, "masks": learner.fixed_masks}, time.perf_counter() + 60)
+    cheap = int(np.argmin(cost))
+    assert cheap == 1  # here the second layer is the cheaper: index order would try (0, 1) first
+    assert tried[0] == start.tolist()  # the starting point's own loss first
+    assert tried[1][cheap] > start[cheap] and tried[1][1 - cheap] < start[1 - cheap]
+
+
 def test_refinement_shows_on_the_progress_bar():
     learner, *_ = make_learner(mlp(), reconstruct=False, iters=3)
     calls = []

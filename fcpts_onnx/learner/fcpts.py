@@ -191,6 +191,9 @@ class Learner:
         self._set_start(np.asarray(initial_counts, dtype=np.int64))
         self.total_steps = 0
         self.protection_relaxed = False
+        # running mean of each layer's marginal loss per zero (the projected steps' u_l over
+        # their mean magnitude): orders the pair exchanges, cheapest-to-prune first
+        self.marginal_cost: np.ndarray | None = None
         self.teacher_train = self._teacher(self.train)
         self.teacher_holdout = self._teacher(self.holdout)
         self.kinds = output_loss_kinds(self.teacher_train, options.loss, options.class_axis)
@@ -390,6 +393,8 @@ class Learner:
         scale = u[usable].abs().mean() if usable.any() else torch.tensor(0.0)
         if float(scale) > 0:
             step = (u / scale).clamp(-5.0, 5.0)
+            seen = step.detach().cpu().numpy().astype(np.float64)
+            self.marginal_cost = seen if self.marginal_cost is None else 0.9 * self.marginal_cost + 0.1 * seen
             with torch.no_grad():
                 for layer, du in zip(self.layers, step):
                     layer.theta -= lr * du
@@ -580,13 +585,14 @@ class Learner:
 
         Without reconstruction the allocation is all there is to learn: L numbers, each a
         magnitude cut of fixed weights. The straight-through gradient of a hard cut is a poor
-        guide to them: on MNIST at 90% it left every seed within 0.3% of LAMP's held-out loss,
-        and finite differences of one layer's loss differed 2x between forward and backward.
+        guide to them: on MNIST at 90% the gradient steps alone ended at a test log-loss of
+        0.2168 (mean of seeds 0-2) against LAMP's 0.2173, and finite differences of one layer's
+        loss differed 2x between forward and backward.
         A move here is exact instead: layer i takes m more zeros and layer j m fewer
         (m = ``step`` of the smaller layer's size), so the global count stays exact; it is kept
         if the hard-mask loss over the whole learning split falls. A sweep tries every ordered
         pair; a sweep that keeps nothing halves the step. On MNIST at 90% this took the test
-        log-loss from 0.217 to 0.189 in about 170 evaluations. The held-out split decides
+        log-loss to 0.19 in 200 to 300 evaluations (20 to 30 s). The held-out split decides
         whether the result replaces the gradient steps' best, as it decides everything else.
         """
         started = time.perf_counter()
@@ -602,8 +608,11 @@ class Learner:
                 mags[guard] = float("inf")
                 caps[index] = min(caps[index], int(sizes[index] - int(guard.sum())))
             order = torch.sort(mags, stable=True).indices
-            rank = torch.empty_like(order)
-            rank[order] = torch.arange(order.numel(), device=order.device)
+            # int32 where it fits: on a BERT-base-sized model the ranks would take 680 MB as int64
+            dtype = torch.int32 if order.numel() < 2**31 else torch.int64
+            rank = torch.empty(order.numel(), dtype=dtype, device=order.device)
+            rank[order] = torch.arange(order.numel(), dtype=dtype, device=order.device)
+            del order
             positions.append(rank)
         caps = np.maximum(caps, floors)
 
@@ -614,6 +623,11 @@ class Learner:
         counts = np.asarray(best["counts"], dtype=np.int64).copy()
         start_loss = current = self._split_loss(masks_of(counts), self.train, self.teacher_train)
         pairs = [(i, j) for i in range(len(sizes)) for j in range(len(sizes)) if i != j]
+        if self.marginal_cost is not None:
+            # layer i sparser, j denser: the pairs the gradient steps found most promising come
+            # first, which is what a budget that ends a sweep early leaves to try on a deep model
+            cost = self.marginal_cost
+            pairs.sort(key=lambda pair: cost[pair[0]] - cost[pair[1]])
         step, evaluations, kept, converged = REFINE_START_STEP, 0, 0, False
         if self.progress is not None:
             self.progress(0, len(pairs), {"phase": "refine", "loss": current, "restart": True,
