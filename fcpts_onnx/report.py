@@ -121,6 +121,9 @@ def _learning_line(learning: dict) -> str:
     loss = learning["holdout_loss"]
     moved = ""
     refined = learning.get("refinement")
+    skipped = (refined or {}).get("skipped")
+    if skipped:
+        refined = None
     if loss.get("initial") is not None and loss.get("best") is not None:
         stepped = refined["holdout_loss"]["before"] if refined else loss["best"]
         moved = f"; held-out loss {loss['initial']:.4g} -> {stepped:.4g} (best at step {learning['best_step']})"
@@ -131,6 +134,8 @@ def _learning_line(learning: dict) -> str:
                   + f", learning-split loss {refined['train_loss']['before']:.4g} -> {refined['train_loss']['after']:.4g}, "
                   + (f"held-out -> {refined['holdout_loss']['after']:.4g}" if refined["accepted"] else
                      "not used: the held-out loss did not fall" if refined["exchanges_kept"] else "nothing gained"))
+    if skipped:
+        moved += f"; no pair exchanges: {skipped}"
     return (f"learned: {what}; {learning['steps']} steps in {learning['seconds']:.0f} s "
             f"({learning['step_time_s']:.2g} s/step, batch {learning['memory']['batch_size']}){moved}")
 

@@ -446,6 +446,22 @@ def test_refinement_from_the_command_line(tmp_path, capfd, flags, refined):
         assert learning["refinement"]["evaluations"] > 0 and learning["refinement"]["converged"]
 
 
+def test_refinement_is_skipped_where_one_sweep_cannot_fit_its_share_of_the_time():
+    # 30% of a 0.1 ms budget cannot hold one evaluation of the learning split, let alone a sweep
+    learner, *_ = make_learner(mlp(), reconstruct=False, iters=3, time_budget=1e-4)
+    result = learner.fit()
+    skipped = learner.refinement["skipped"]
+    assert skipped.startswith("one sweep of 2 pair exchanges would take about ") and "more than the 0 s" in skipped
+    assert result.counts.sum() == learner.problem.n_zeros
+    from fcpts_onnx.report import _learning_line
+
+    line = _learning_line({"method": "fcpts", "reconstruct": False, "initial_allocation": "lamp",
+                           "holdout_loss": {"initial": 2.0, "best": 1.5}, "best_step": 4, "steps": 5,
+                           "seconds": 1.0, "step_time_s": 0.2, "memory": {"batch_size": 16},
+                           "refinement": learner.refinement})
+    assert line.endswith(f"; no pair exchanges: {skipped}") and "held-out loss 2 -> 1.5 (best at step 4)" in line
+
+
 def test_summary_reports_the_exchanges():
     from fcpts_onnx.report import _learning_line
 

@@ -1,7 +1,8 @@
 """The mobile-CNN quality benchmark: PaddleOCR PP-OCRv4 recogniser (rapidocr-onnxruntime) at 50%.
 
     python tools/bench_ocr.py [--runs global:off,lamp:off,global:on,fcpts:on] [--sparsity 0.5]
-                              [--iters 60] [--batch-size 16] [--calib 256] [--test 64] [--json OUT]
+                              [--iters 60] [--batch-size 16] [--calib 256] [--test 64] [--no-refine]
+                              [--json OUT]
 
 A real pretrained mobile network (PPLCNet-style backbone: depthwise convolutions, BatchNorm
 folded into the convolutions, weights in Constant nodes). Calibration and test inputs are
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold-lr", type=float, default=LearnOptions.threshold_lr)
     parser.add_argument("--final-tune", type=float, default=LearnOptions.final_tune_fraction,
                         help="share of steps with the allocation frozen (LearnOptions.final_tune_fraction)")
+    parser.add_argument("--no-refine", action="store_true",
+                        help="fcpts without reconstruction: skip the pair exchanges (LearnOptions.refine)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     models = rapidocr_models()
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             report = sparsify(model, out, calib, sparsity=args.sparsity, method=method, reconstruct=recon == "on",
                               learn=LearnOptions(iters=args.iters, batch_size=args.batch_size, seed=args.seed,
                                                  init=args.init, threshold_lr=args.threshold_lr,
-                                                 final_tune_fraction=args.final_tune),
+                                                 final_tune_fraction=args.final_tune, refine=not args.no_refine),
                               report_path=False)
             seconds = time.perf_counter() - start
             sparse = ort.InferenceSession(str(out)).run(None, {"x": test})[0]
@@ -81,15 +84,27 @@ def main(argv: list[str] | None = None) -> int:
                 "start_candidates_holdout_loss": (report.learning or {}).get("start_candidates_holdout_loss"),
                 "best_step": (report.learning or {}).get("best_step"),
                 "holdout_curve": (report.learning or {}).get("holdout_loss", {}).get("curve"),
+                # fcpts without reconstruction: the pair exchanges after the gradient steps
+                "refinement": (report.learning or {}).get("refinement"),
             }
             results.append(row)
             kl = "-" if row["holdout_kl"] is None else f"{row['holdout_kl']:.3f}"
             print(f"{method:8s} recon={recon:3s}: step agreement {row['step_agreement']:.1%}, lines identical "
                   f"{row['lines_identical']:.0%}, held-out KL {kl}, {seconds:.0f} s"
-                  + (f" (start {row['start']}, best step {row['best_step']})" if method == "fcpts" else ""), flush=True)
+                  + (f" (start {row['start']}, best step {row['best_step']})" if method == "fcpts" else "")
+                  + (_exchanges(row["refinement"]) if row["refinement"] else ""), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def _exchanges(refined: dict) -> str:
+    if "skipped" in refined:
+        return f"; no pair exchanges: {refined['skipped']}"
+    return (f"; pair exchanges: {refined['exchanges_kept']} of {refined['evaluations']} kept in "
+            f"{refined['seconds']:.0f} s, held-out {refined['holdout_loss']['before']:.3f} -> "
+            f"{refined['holdout_loss']['after']:.3f}" + ("" if refined["accepted"] else " (not used)")
+            + ("" if refined["converged"] else ", stopped by the time budget"))
 
 
 if __name__ == "__main__":
