@@ -124,11 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "with the lowest held-out loss")
     learn.add_argument("--no-refine", dest="refine", action="store_false",
                        help="fcpts without reconstruction: skip the pair exchanges of zeros between layers "
-                            "that follow the gradient steps (on by default; they take up to 30%% of the time budget)")
+                            "that follow the gradient steps (on by default where one sweep over all pairs fits in 30%% of "
+                            "the time budget, and they take up to that)")
     learn.add_argument("--temperature", type=float, default=LearnOptions.temperature,
                        help=f"distillation temperature on logits (default {LearnOptions.temperature:g})")
     learn.add_argument("--loss", choices=LOSS_KINDS, default="auto",
-                       help="reconstruction loss: auto (KL on logits, NMSE otherwise), kl or nmse")
+                       help="reconstruction loss: auto (KL on logits, NMSE otherwise), kl, nmse, or nmse-channel "
+                            "(NMSE per channel on axis 1, channels averaged: for outputs that mix scales, such as "
+                            "a detection head's box coordinates beside class scores)")
     learn.add_argument("--class-axis", type=int, metavar="AXIS",
                        help="output axis holding class scores, e.g. 1 for segmentation [N, classes, H, W]: "
                             "KL and top-1 along it, per position (default: last axis of softmax outputs, "

@@ -543,3 +543,81 @@ def test_class_axis_from_the_command_line_reaches_learning_and_the_report(tmp_pa
     assert report["learning"]["options"]["class_axis"] == 1
     (output,) = report["fidelity"]
     assert output["top1_agreement"] is not None and output["kl"] is not None  # per pixel over the 4 classes
+
+
+# -- --loss nmse-channel: outputs that mix scales (a detection head) -----------------------------
+
+def test_channel_nmse_normalises_each_channel_by_its_own_dense_energy():
+    from fcpts_onnx.learner.loss import CHANNEL_ENERGY_FLOOR, channel_energies, distillation_loss, output_loss_kinds
+
+    rng = np.random.default_rng(0)
+    teacher = rng.normal(size=(8, 5, 7)).astype(np.float32)
+    teacher[:, 0] = teacher[:, 0] * 100 + 300  # box coordinates in pixels
+    teacher[:, 4] = 0.0  # a channel that is never on: its energy is floored
+    student = teacher + rng.normal(size=teacher.shape).astype(np.float32) * 0.1
+    t, st = torch.from_numpy(teacher), torch.from_numpy(student)
+    kinds = output_loss_kinds({"y": t, "v": t[:, 0, 0]}, "nmse-channel", class_axis=1)
+    assert kinds == {"y": "nmse_channel", "v": "nmse"}  # explicit loss beats --class-axis; 1-D has no channels
+    energy = (teacher.astype(np.float64) ** 2).transpose(1, 0, 2).reshape(5, -1).mean(axis=1)
+    floored = np.maximum(energy, CHANNEL_ENERGY_FLOOR * energy.mean())
+    assert floored[4] == pytest.approx(CHANNEL_ENERGY_FLOOR * energy.mean()) and floored[0] == energy[0]
+    got = channel_energies({"y": t}, {"y": "nmse_channel"})["y"]
+    np.testing.assert_allclose(got.numpy(), floored, rtol=1e-5)
+    err = ((student - teacher).astype(np.float64) ** 2).transpose(1, 0, 2).reshape(5, -1).mean(axis=1)
+    expected = float(np.mean(err / floored))
+    loss = float(distillation_loss({"y": st}, {"y": t}, {"y": "nmse_channel"}, 4.0, energies={"y": got}))
+    assert loss == pytest.approx(expected, rel=1e-4)
+    # the same error in the small channels weighs far more than under whole-output NMSE
+    whole = float(distillation_loss({"y": st}, {"y": t}, {"y": "nmse"}, 4.0))
+    assert loss > 100 * whole
+
+
+def test_channel_nmse_keeps_the_small_channels_of_a_detection_head_that_plain_nmse_gives_up(tmp_path):
+    """Box coordinates around 320 concatenated with class sigmoids around 0.05 (YOLO-style):
+    the plain energy-normalised loss hardly sees the classes. Measured on inputs never learned
+    on: class NMSE 0.76 with nmse and 0.23 with nmse-channel (60 steps), boxes 3.1e-3 and 4.3e-3."""
+    import onnxruntime as ort
+
+    from fcpts_onnx import sparsify
+
+    rng = np.random.default_rng(0)
+
+    def init(a, name):
+        return numpy_helper.from_array(np.asarray(a, np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["h1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "W2"], ["h2"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "Wb"], ["b0"]), helper.make_node("Mul", ["b0", "scale"], ["b1"]),
+             helper.make_node("Add", ["b1", "offset"], ["box"]),
+             helper.make_node("Conv", ["r2", "Wc", "bc"], ["c0"]), helper.make_node("Sigmoid", ["c0"], ["cls"]),
+             helper.make_node("Concat", ["box", "cls"], ["cat"], axis=1),
+             helper.make_node("Reshape", ["cat", "shape"], ["y"])]
+    inits = [init(rng.normal(size=(16, 3, 3, 3)) / 3, "W1"), init(rng.normal(size=(32, 16, 3, 3)) / 8, "W2"),
+             init(rng.normal(size=(4, 32, 1, 1)) / 4, "Wb"), init([30.0], "scale"), init([320.0], "offset"),
+             init(rng.normal(size=(6, 32, 1, 1)) / 2, "Wc"), init(np.full(6, -3.0), "bc"),
+             numpy_helper.from_array(np.array([0, 10, -1], np.int64), "shape")]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 10, 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    tmp_dir = tmp_path
+    src = tmp_dir / "head.onnx"
+    onnx.save(model, str(src))
+    data = np.random.default_rng(1)
+    np.savez(tmp_dir / "calib.npz", x=data.normal(size=(128, 3, 8, 8)).astype(np.float32))
+    test = data.normal(size=(256, 3, 8, 8)).astype(np.float32)
+    dense = ort.InferenceSession(str(src)).run(None, {"x": test})[0]
+
+    def nmse(y, part):
+        return float(((y[:, part] - dense[:, part]) ** 2).sum() / (dense[:, part] ** 2).sum())
+
+    errors = {}
+    for loss in ("nmse", "nmse-channel"):
+        out = tmp_dir / f"{loss}.onnx"
+        sparsify(src, out, tmp_dir / "calib.npz", sparsity=0.7, report_path=False,
+                 learn=LearnOptions(iters=60, loss=loss, batch_size=32))
+        y = ort.InferenceSession(str(out)).run(None, {"x": test})[0]
+        errors[loss] = (nmse(y, slice(0, 4)), nmse(y, slice(4, 10)))
+    (box_plain, cls_plain), (box_channel, cls_channel) = errors["nmse"], errors["nmse-channel"]
+    assert cls_channel < 0.5 * cls_plain, errors
+    assert box_channel < 3 * box_plain, errors  # the boxes pay a little for it

@@ -26,7 +26,7 @@ import torch
 from ..allocation.problem import AllocationProblem, smallest_scores
 from ..discovery import FUSED_OP_TYPES, RECURRENT_OP_TYPES, PrunableWeight, matmul_output_axis
 from .bridge import kde_index, layer_sparsity, silverman_bandwidth
-from .loss import distillation_loss, output_loss_kinds
+from .loss import channel_energies, distillation_loss, output_loss_kinds
 from .options import DEFAULT_ITERS, DEFAULT_TIME_BUDGET, REFINE_SHARE, LearnOptions
 
 # Pair exchanges (Learner._refine): the first step moves this share of the smaller layer's
@@ -203,6 +203,7 @@ class Learner:
         self.teacher_train = self._teacher(self.train)
         self.teacher_holdout = self._teacher(self.holdout)
         self.kinds = output_loss_kinds(self.teacher_train, options.loss, options.class_axis)
+        self.energies = channel_energies(self.teacher_train, self.kinds)  # for --loss nmse-channel
         self.total = float(problem.total)
 
     def _set_start(self, counts: np.ndarray) -> None:
@@ -361,7 +362,7 @@ class Learner:
                 teacher = {k: v[start:start + self.options.batch_size] for k, v in teacher_outputs.items()}
                 out = self.module.run(batch)
                 total += float(distillation_loss(out, teacher, self.kinds, self.options.temperature,
-                                                 self.options.class_axis)) * \
+                                                 self.options.class_axis, self.energies)) * \
                     next(iter(batch.values())).shape[0]
         return total / n
 
@@ -535,7 +536,8 @@ class Learner:
                 self._use_fixed(self.fixed_masks)
             batch = {k: v[index] for k, v in self.train.items()}
             teacher = {k: v[index] for k, v in self.teacher_train.items()}
-            rec = distillation_loss(self.module.run(batch), teacher, self.kinds, opts.temperature, opts.class_axis)
+            rec = distillation_loss(self.module.run(batch), teacher, self.kinds, opts.temperature, opts.class_axis,
+                                    self.energies)
             loss = rec
             sparsity = None
             projected = learn_thresholds and opts.constraint == "projected"

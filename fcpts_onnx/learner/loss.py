@@ -4,7 +4,9 @@ Classification logits: KL(softmax(z_dense / T) || softmax(z_sparse / T)) * T^2 (
 reference). Outputs that are already distributions (a softmax ends the graph): KL of the
 distributions. Any other float output: squared error normalised by the teacher's energy.
 Several outputs: the sum. Integer/bool outputs carry no gradient and are left out. The class
-axis is the last (2-D logits: axis 1) unless ``class_axis`` names another.
+axis is the last (2-D logits: axis 1) unless ``class_axis`` names another. "nmse-channel"
+(user's choice, never automatic): squared error normalised per channel (axis 1) by the
+channel's dense energy, channels averaged.
 """
 
 from __future__ import annotations
@@ -52,8 +54,10 @@ def output_loss_kinds(teacher: Mapping[str, torch.Tensor], kind: str = "auto",
         if not t.is_floating_point():
             continue
         moved = _classes_last(t, class_axis)
-        if class_axis is not None and moved is not t and kind != "nmse":
+        if class_axis is not None and moved is not t and kind not in ("nmse", "nmse-channel"):
             kinds[name] = "kl_prob" if is_probabilities(moved) else "kl"
+        elif kind == "nmse-channel":
+            kinds[name] = "nmse_channel" if t.dim() >= 2 else "nmse"
         elif kind != "auto":
             kinds[name] = "kl_prob" if kind == "kl" and is_probabilities(t) else kind
         elif is_probabilities(t):
@@ -68,8 +72,30 @@ def output_loss_kinds(teacher: Mapping[str, torch.Tensor], kind: str = "auto",
     return kinds
 
 
+# A channel whose dense energy is below this share of the mean channel's (one that is all but
+# constant zero on the calibration set) is normalised as if it had this much, so that
+# rounding-level errors in it do not outweigh every other channel.
+CHANNEL_ENERGY_FLOOR = 1e-4
+
+
+def channel_energies(teacher: Mapping[str, torch.Tensor], kinds: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """Per "nmse_channel" output: the dense mean square of each channel (axis 1) over all the
+    samples given, floored at CHANNEL_ENERGY_FLOOR of the mean channel's. Computed once on the
+    whole learning split, so a batch that happens to hold little of a channel does not swing it."""
+    energies = {}
+    for name, kind in kinds.items():
+        if kind == "nmse_channel":
+            t = teacher[name]
+            energy = t.movedim(1, 0).reshape(t.shape[1], -1).double().pow(2).mean(dim=1)
+            energies[name] = energy.clamp_min(CHANNEL_ENERGY_FLOOR * float(energy.mean()) + 1e-30).to(t.dtype)
+    return energies
+
+
 def distillation_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],
-                      kinds: Mapping[str, str], temperature: float, class_axis: int | None = None) -> torch.Tensor:
+                      kinds: Mapping[str, str], temperature: float, class_axis: int | None = None,
+                      energies: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``energies``: channel_energies() of the learning split; without them an "nmse_channel"
+    output is normalised by this batch's own channel energies."""
     total = None
     for name, kind in kinds.items():
         s, t = student[name], teacher[name]
@@ -83,6 +109,12 @@ def distillation_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str,
             # The graph already applied the softmax: KL of the distributions, mean over positions.
             p = t.clamp_min(1e-12)
             loss = (p * (p.log() - s.clamp_min(1e-12).log())).sum(dim=-1).mean()
+        elif kind == "nmse_channel":
+            energy = (energies or {}).get(name)
+            if energy is None:
+                energy = channel_energies({name: t}, {name: kind})[name]
+            err = (s - t).movedim(1, 0).reshape(t.shape[1], -1).pow(2).mean(dim=1)
+            loss = (err / energy).mean()
         else:
             loss = (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
         total = loss if total is None else total + loss

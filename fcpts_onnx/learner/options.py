@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import OptionError
 
-LOSS_KINDS = ("auto", "kl", "nmse")
+LOSS_KINDS = ("auto", "kl", "nmse", "nmse-channel")
 CONSTRAINTS = ("projected", "penalty")
 INITS = ("best", "erk", "global", "lamp", "uniform")
 DEFAULT_ITERS = 300
@@ -44,7 +44,10 @@ class LearnOptions:
         weight_decay: on weights only (not thresholds, biases or norms).
         learn_thresholds: learn the allocation (fcpts); False keeps the initial masks fixed.
         reconstruct: tune surviving weights, biases and normalisation parameters.
-        loss: "auto" (KL for logits, NMSE otherwise), "kl" or "nmse".
+        loss: "auto" (KL for logits, NMSE otherwise), "kl", "nmse", or "nmse-channel": squared
+            error normalised per channel (axis 1) by that channel's dense energy over the
+            calibration set, channels averaged, so a channel of small values (class scores
+            beside a detection head's box coordinates in pixels) counts as much as a large one.
         class_axis: the output axis that holds class scores (1 for a segmentation output
             [N, classes, H, W]); outputs with it are compared as distributions along it, per
             position, in the loss and in the fidelity report. None: the last axis of softmax
