@@ -633,7 +633,7 @@ class Learner:
         pairs = [(i, j) for i in range(len(sizes)) for j in range(len(sizes)) if i != j]
         if self.marginal_cost is not None:
             # layer i sparser, j denser: the pairs the gradient steps found most promising come
-            # first, which is what a budget that ends a sweep early leaves to try on a deep model
+            # first, so a sweep the deadline cuts short has tried those
             cost = self.marginal_cost
             pairs.sort(key=lambda pair: cost[pair[0]] - cost[pair[1]])
         step, evaluations, kept, converged = REFINE_START_STEP, 0, 0, False
