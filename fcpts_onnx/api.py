@@ -18,7 +18,15 @@ import numpy as np
 from . import __version__
 from .allocation import AllocationProblem, allocate, get_allocator
 from .allocation.problem import check_feasible
-from .calibration import CalibrationSet, generate, graph_inputs, load_calibration, split_holdout, static_batch
+from .calibration import (
+    CalibrationSet,
+    batch_axis_conflict,
+    generate,
+    graph_inputs,
+    load_calibration,
+    split_holdout,
+    static_batch,
+)
 from .config import LEARNED_METHODS, SparsifyOptions
 from .discovery import Discovery, assign_macs, discover
 from .errors import OptionError, UnsupportedModelError, VerificationError
@@ -174,6 +182,9 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
         check_report_path(Path(report_path), output_path, loaded)
     memory_limit = options.max_memory or default_memory_limit(options.device)
     with timer.stage("check_shapes"):  # absurd declared shapes are refused before anything is allocated
+        conflict = batch_axis_conflict(graph_inputs(loaded.model))
+        if conflict:
+            raise UnsupportedModelError(f"{loaded.path}: {conflict}")
         fixed = static_batch(loaded.model)
         check_declared_shapes(loaded.model, fixed or options.batch_size, memory_limit, loaded.path,
                               batch_fixed=bool(fixed))

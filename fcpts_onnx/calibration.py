@@ -288,7 +288,9 @@ def generate(specs: list[InputSpec], n_samples: int = 8, seed: int = 0,
     """
     rng = np.random.default_rng(seed)
     arrays = {}
-    batches = {spec.static_batch for spec in specs}
+    # Inputs with a dynamic first axis follow the fixed one: a stateful export declares
+    # [1, 1, H] for its state beside [batch, T] for its signal (silero-vad).
+    batches = {spec.static_batch for spec in specs if spec.static_batch}
     fixed = batches.pop() if len(batches) == 1 else None
     for spec in specs:
         if shapes and spec.name in shapes:
@@ -345,6 +347,25 @@ def split_holdout(calibration: CalibrationSet, fraction: float, seed: int,
         )
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
+
+
+def batch_axis_conflict(specs: list[InputSpec]) -> str | None:
+    """Why the inputs cannot be batched along their first axis, or None when they can.
+
+    Every reader here takes the first axis of every input as the sample (batch) axis. A scalar
+    input has none, and inputs that fix different sizes there (a streaming export's state
+    [2, 1, 128] beside its signal [1, 576]) have no common one."""
+    scalars = [s.name for s in specs if s.dims is not None and len(s.dims) == 0]
+    if scalars:
+        return (f"input {scalars[0]!r} is a scalar, so it has no batch axis to stack calibration samples on; "
+                "fold it into the graph as a constant (it is usually a setting such as a sample rate) "
+                "and give the model again")
+    fixed = {s.name: s.static_batch for s in specs if s.static_batch}
+    if len(set(fixed.values())) > 1:
+        listing = ", ".join(f"{name!r} {size}" for name, size in fixed.items())
+        return (f"the inputs fix different sizes on their first axis ({listing}); fcpts-onnx reads the first "
+                "axis of every input as the batch axis: re-export with one shared (or dynamic) batch axis first")
+    return None
 
 
 def static_batch(model: onnx.ModelProto) -> int | None:

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 from fcpts_onnx.calibration import (
     DEFAULT_DYNAMIC_DIM,
     CalibrationSet,
+    batch_axis_conflict,
     generate,
     graph_inputs,
     load_calibration,
@@ -314,13 +315,40 @@ def test_generate_respects_declared_shapes():
     specs = graph_inputs(model)
     calib = generate(specs, n_samples=5, seed=1)
     assert calib.generated
-    assert calib.arrays["x"].shape == (5, 3, DEFAULT_DYNAMIC_DIM, 5) and calib.arrays["x"].dtype == np.float32
-    assert calib.arrays["fixed"].shape == (4, 2) and calib.arrays["fixed"].dtype == np.float16
-    assert calib.arrays["ids"].shape == (5, 7) and calib.arrays["ids"].dtype == np.int64
+    # One input fixes the batch at 4, so every input gets the same multiple of 4 samples
+    # (before, x had 5 and "fixed" 4, and splitting them indexed past the end of "fixed").
+    assert calib.arrays["x"].shape == (8, 3, DEFAULT_DYNAMIC_DIM, 5) and calib.arrays["x"].dtype == np.float32
+    assert calib.arrays["fixed"].shape == (8, 2) and calib.arrays["fixed"].dtype == np.float16
+    assert calib.arrays["ids"].shape == (8, 7) and calib.arrays["ids"].dtype == np.int64
+    assert calib.take(np.arange(4, 8)).arrays["fixed"].shape == (4, 2)
     assert not calib.arrays["ids"].any()
     assert np.all(np.isfinite(calib.arrays["x"])) and calib.arrays["x"].std() > 0.5
     again = generate(specs, n_samples=5, seed=1)
     np.testing.assert_array_equal(calib.arrays["x"], again.arrays["x"])  # seeded
+
+
+def test_generate_follows_a_fixed_batch_of_one():
+    """A streaming export: the signal's first axis is dynamic, the state's is fixed at 1 (silero-vad's
+    sequence model). Every input gets the same sample count, so a split takes the same rows of each."""
+    model = model_with_inputs(("signal", TensorProto.FLOAT, ["T", 576]), ("h", TensorProto.FLOAT, [1, 1, 128]))
+    calib = generate(graph_inputs(model), n_samples=6)
+    assert calib.arrays["signal"].shape == (6, 576) and calib.arrays["h"].shape == (6, 1, 128)
+    assert calib.take(np.array([1, 5])).arrays["h"].shape == (2, 1, 128)
+
+
+@pytest.mark.parametrize("inputs, needles", [
+    ((("x", TensorProto.FLOAT, [1, 576]), ("state", TensorProto.FLOAT, [2, 1, 128])),
+     ("'x' 1", "'state' 2", "batch axis")),
+    ((("x", TensorProto.FLOAT, ["N", 576]), ("sr", TensorProto.INT64, [])),
+     ("'sr' is a scalar", "constant")),
+])
+def test_batch_axis_conflicts(inputs, needles):
+    problem = batch_axis_conflict(graph_inputs(model_with_inputs(*inputs)))
+    assert problem is not None and all(n in problem for n in needles), problem
+    assert batch_axis_conflict(graph_inputs(TWO)) is None
+    assert batch_axis_conflict(graph_inputs(STATIC_BATCH)) is None
+    assert batch_axis_conflict(graph_inputs(model_with_inputs(
+        ("x", TensorProto.FLOAT, ["N", 3]), ("h", TensorProto.FLOAT, [1, 1, 4])))) is None
 
 
 def test_generate_shape_overrides():

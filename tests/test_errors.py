@@ -131,6 +131,23 @@ def test_nothing_prunable(tmp_path, out_dir, capfd):
     assert_refused(optimize(model, out_dir), capfd, tmp_path, "nothing to prune")
 
 
+@pytest.mark.parametrize("second, needles", [
+    (("state", [2, 1, 5]), ("first axis", "'state' 2", "re-export")),  # a streaming export's state
+    (("sr", []), ("'sr' is a scalar", "constant")),  # a sample rate fed as an input
+])
+def test_inputs_without_a_common_batch_axis(tmp_path, out_dir, capfd, second, needles):
+    name, dims = second
+    graph = matmul_conv_graph()
+    graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # x [1, 3, 6, 6]
+    graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+    graph.output.append(helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, dims))
+    graph.node.append(helper.make_node("Identity", [name], [f"{name}_out"]))
+    model = save_model(graph, tmp_path / "stateful.onnx")
+    for method in ("fcpts", "lamp"):
+        assert_refused(optimize(model, out_dir, "--calib", "random", "--method", method), capfd, tmp_path,
+                       "stateful.onnx", *needles)
+
+
 def test_matmul_of_two_activations_is_nothing_prunable(tmp_path, out_dir, capfd):
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["a", "b"], ["y"])], "mm",
