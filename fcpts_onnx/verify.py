@@ -98,7 +98,7 @@ class OutputFidelity:
     name: str
     shape: list[int]
     nmse: float | None  # sum((s - d)^2) / sum(d^2)
-    cosine: float | None  # mean over samples of cos(s, d)
+    cosine: float | None  # mean over samples of cos(s, d); over the samples when each has one value
     max_abs_diff: float | None
     top1_agreement: float | None  # classifiers: share of samples (or positions) whose argmax matches
     kl: float | None  # classifiers: mean KL(softmax(d) || softmax(s)), or of the probabilities
@@ -162,6 +162,10 @@ def _fidelity(dense: dict[str, np.ndarray], sparse: dict[str, np.ndarray],
         err = float(np.sum((s64 - d64) ** 2))
         nmse = err / energy if energy > 0 else err / max(d.size, 1)
         flat_d = d64.reshape(d.shape[0], -1) if d.ndim else d64.reshape(1, -1)
+        if flat_d.shape[1] == 1:
+            # One value per sample (a score, a speech probability): the cosine of one number
+            # with another is only its sign, so take it over the samples instead.
+            flat_d = flat_d.reshape(1, -1)
         flat_s = s64.reshape(flat_d.shape)
         norms = np.linalg.norm(flat_d, axis=1) * np.linalg.norm(flat_s, axis=1)
         cos = np.where(norms > 0, np.sum(flat_d * flat_s, axis=1) / np.where(norms > 0, norms, 1), 1.0)
