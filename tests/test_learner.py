@@ -446,6 +446,32 @@ def test_refinement_from_the_command_line(tmp_path, capfd, flags, refined):
         assert learning["refinement"]["evaluations"] > 0 and learning["refinement"]["converged"]
 
 
+def test_probe_settles_once_the_step_time_stops_falling():
+    from fcpts_onnx.learner.fcpts import PROBE_MAX_STEPS, probe_settled
+
+    measured = [7.38, 4.2, 2.75, 1.9, 1.85]  # PP-LCNet at 224x224, batch 64, 2 cores
+    settled_at = next(n for n in range(1, len(measured) + 1) if probe_settled(measured[:n]))
+    assert settled_at == 5
+    assert not probe_settled([1.0, 1.0])  # never before three steps
+    assert probe_settled([2.0, 2.0, 5.0])  # a stall at the end: the plan takes the fastest of the last three
+    assert probe_settled([10.0 / (k + 1) for k in range(PROBE_MAX_STEPS)])  # still falling: stop anyway
+
+
+def test_a_budget_sized_run_repeats_with_its_steps_as_iters():
+    """The timing probe runs at learning rate 0 and puts the batch order back, so the report's
+    step count, passed as --iters, repeats the run exactly (CPU)."""
+    sized, *_ = make_learner(mlp(), reconstruct=False, refine=False, iters=None, time_budget=2.0)
+    a = sized.fit()
+    assert sized.probe_step_times and 3 <= len(sized.probe_step_times) <= 8
+    again, *_ = make_learner(mlp(), reconstruct=False, refine=False, iters=a.steps)
+    b = again.fit()
+    assert again.probe_step_times is None
+    np.testing.assert_array_equal(a.counts, b.counts)
+    for key in a.masks:
+        assert torch.equal(a.masks[key], b.masks[key])
+    assert a.train_loss["last"] == b.train_loss["last"]
+
+
 def test_refinement_is_skipped_where_one_sweep_cannot_fit_its_share_of_the_time():
     # 30% of a 0.1 ms budget cannot hold one evaluation of the learning split, let alone a sweep
     learner, *_ = make_learner(mlp(), reconstruct=False, iters=3, time_budget=1e-4)

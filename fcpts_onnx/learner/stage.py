@@ -122,6 +122,8 @@ def learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, tr
         # the default number of steps short
         "time_budget_s": learner.budget_s,
         "limited_by_default_budget": learner.limited_by_budget,
+        # a run sized by time: the steps timed at learning rate 0 before planning (seconds each)
+        "timing_probe_s": learner.probe_step_times,
         "best_step": result.best_step,
         "seconds": round(result.seconds, 3),
         "step_time_s": round(result.step_time_s, 5),
