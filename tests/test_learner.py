@@ -457,19 +457,28 @@ def test_probe_settles_once_the_step_time_stops_falling():
     assert probe_settled([10.0 / (k + 1) for k in range(PROBE_MAX_STEPS)])  # still falling: stop anyway
 
 
-def test_a_budget_sized_run_repeats_with_its_steps_as_iters():
-    """The timing probe runs at learning rate 0 and puts the batch order back, so the report's
-    step count, passed as --iters, repeats the run exactly (CPU)."""
-    sized, *_ = make_learner(mlp(), reconstruct=False, refine=False, iters=None, time_budget=2.0)
+@pytest.mark.parametrize("reconstruct", [False, True])
+def test_a_budget_sized_run_repeats_with_its_repeat_iters(reconstruct):
+    """The timing probe runs at learning rate 0 and puts the batch order back, and a sized run
+    splits its steps between start trials and learning as --iters would, so the report's
+    repeat_iters, passed as --iters, repeats the run exactly (CPU)."""
+    sized, problem, *_ = make_learner(mlp(), reconstruct=reconstruct, refine=False, iters=None, time_budget=6.0)
+    candidates = {name: allocate(name, problem) for name in ("erk", "global", "uniform")}
+    sized.choose_start(candidates)
     a = sized.fit()
     assert sized.probe_step_times and 3 <= len(sized.probe_step_times) <= 8
-    again, *_ = make_learner(mlp(), reconstruct=False, refine=False, iters=a.steps)
+    assert bool(sized.start_trial_steps) is reconstruct  # three candidate starts, tuned in turn
+    again, *_ = make_learner(mlp(), reconstruct=reconstruct, refine=False, iters=sized.learning_iters)
+    again.choose_start(candidates)
     b = again.fit()
-    assert again.probe_step_times is None
+    assert again.probe_step_times is None and again.start_trial_steps == sized.start_trial_steps
+    assert a.steps == b.steps
     np.testing.assert_array_equal(a.counts, b.counts)
     for key in a.masks:
         assert torch.equal(a.masks[key], b.masks[key])
     assert a.train_loss["last"] == b.train_loss["last"]
+    for p, q in zip(sized.module.parameters(), again.module.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_refinement_is_skipped_where_one_sweep_cannot_fit_its_share_of_the_time():

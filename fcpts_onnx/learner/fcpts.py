@@ -209,6 +209,7 @@ class Learner:
         self.start_trials: dict[str, float] = {}
         self.start_trial_steps = 0
         self.probe_step_times: list[float] | None = None  # a run sized by time: the steps timed first
+        self.learning_iters = 0  # the steps after the start trials: --iters for this run
         self._set_start(np.asarray(initial_counts, dtype=np.int64))
         self.total_steps = 0
         self.protection_relaxed = False
@@ -776,8 +777,12 @@ class Learner:
                 cap = DEFAULT_ITERS + trial_steps(DEFAULT_ITERS) * n_starts
                 self.limited_by_budget = fit < cap
                 total = min(fit, cap)
-            trial = trial_steps(int(total / (1 + opts.start_trial_fraction)))
-            iters = max(1, total - trial * n_starts)
+            # the learning steps whose start trials (as --iters would size them) fit in the total,
+            # so the report's repeat_iters, passed as --iters, runs the same steps
+            iters = max(1, int(total / (1 + opts.start_trial_fraction)) if n_starts > 1 else total)
+            while iters + 1 + trial_steps(iters + 1) * n_starts <= total:
+                iters += 1
+            trial = trial_steps(iters)
         else:  # --iters counts the learning steps; the start trials come on top
             trial = trial_steps(iters)
         if trial:
@@ -798,6 +803,7 @@ class Learner:
             freeze_at = iters - int(iters * opts.final_tune_fraction)
         eval_every = opts.eval_every or max(1, iters // 25)
         self.total_steps = step + iters
+        self.learning_iters = iters
         t_loop = time.perf_counter()
         step = self._run_phase(iters, learn_thresholds=learn, reconstruct=opts.reconstruct,
                                eval_every=eval_every, phase="learn" if learn else "reconstruct",

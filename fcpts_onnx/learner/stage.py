@@ -117,6 +117,8 @@ def learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, tr
         "train_samples": int(len(train_idx)),
         "holdout_samples": int(len(holdout_idx)),
         "steps": result.steps,
+        # --iters that repeats this run (the steps after the start trials; CPU, same seed)
+        "repeat_iters": learner.learning_iters,
         "memory": memory.to_dict(),
         # seconds the run was sized to (None with --iters); True when the default budget cut
         # the default number of steps short
