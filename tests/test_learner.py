@@ -249,6 +249,30 @@ def test_start_trials_tune_every_candidate_and_keep_the_best_after_tuning():
     assert int(result.counts.sum()) == problem.n_zeros
 
 
+@pytest.mark.parametrize("untuned, after_trial, chosen", [
+    # PP-LCNet at 70%: a 5-step trial made LAMP worse; ranked by the trials alone ERK won and ended 3x behind
+    ({"lamp": 0.17, "erk": 0.56}, {"lamp": 0.47, "erk": 0.42}, "lamp"),
+    # PP-OCRv4 rec at 70%: untuned ERK looks best, but global recovers under tuning
+    ({"global": 18.1, "erk": 4.2}, {"global": 1.0, "erk": 1.8}, "global"),
+])
+def test_a_start_ranks_by_the_lower_of_its_untuned_and_trial_loss(monkeypatch, untuned, after_trial, chosen):
+    """The run keeps its best snapshot, the start included, so a start is worth at least its
+    untuned held-out loss: a trial that makes it worse does not count against it."""
+    learner, problem, *_ = make_learner(mlp())
+    learner.choose_start({name: allocate(name, problem) for name in untuned})
+    learner.start_untuned = dict(untuned)  # the losses measured on the real models
+
+    def trial(steps, **kwargs):  # each trial ends at the loss measured after it
+        kwargs["best"]["loss"] = after_trial[kwargs["phase"].removeprefix("trying start ")]
+        return steps
+
+    monkeypatch.setattr(learner, "_run_phase", trial)
+    learner.holdout_curve, learner._losses = [], []  # fit() starts them
+    learner._trial_starts(5)
+    assert learner.start_trials == after_trial  # the report keeps the trials' own losses
+    assert learner.start_name == chosen
+
+
 def test_start_trials_only_choose():
     """The trials' tuning is thrown away: with one candidate listed twice (so the untuned choice
     and the trials' agree), the run is the one without trials, weight for weight."""

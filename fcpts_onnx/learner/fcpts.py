@@ -207,6 +207,7 @@ class Learner:
         self.start_name = "given"
         self.start_candidates: dict[str, np.ndarray] = {}
         self.start_trials: dict[str, float] = {}
+        self.start_untuned: dict[str, float] = {}
         self.start_trial_steps = 0
         self.probe_step_times: list[float] | None = None  # a run sized by time: the steps timed first
         self.learning_iters = 0  # the steps after the start trials: --iters for this run
@@ -251,6 +252,7 @@ class Learner:
         losses = {name: self._holdout_loss(self._masks_from_counts(counts)) for name, counts in candidates.items()}
         best = min(losses, key=losses.get)
         self.start_name = best
+        self.start_untuned = losses
         self._set_start(candidates[best])
         # With reconstruction, fit() re-ranks them by a short tuning trial (see _trial_starts).
         self.start_candidates = dict(candidates)
@@ -265,6 +267,16 @@ class Learner:
         loss 4.2 against global's 18.1), yet after 60 steps of reconstruction global was at
         1.0 and ERK at 1.8. The trials only choose: the weights and the batch order go back to
         where they were, so when the choice is the untuned ranking's the run is the same.
+
+        A candidate ranks by the lower of its held-out loss untuned and after its trial: the
+        run keeps its best snapshot, the start included, so a start is worth at least its
+        untuned loss. A trial a few steps long can make things worse before better (fresh
+        Adam moves every weight by about lr at first): on PP-LCNet at 70%, 5 steps took LAMP's
+        held-out loss from 0.17 to 0.47 and ERK's from 0.56 to 0.42, and ranked by the trials
+        alone ERK won, a start that ended with 3x the test KL of global + reconstruction.
+        A gentler trial (the first steps of the run's own warm-up) fixed that and broke the
+        case above: on PP-OCRv4 rec it no longer moved global's loss past ERK's and the run
+        collapsed (57.9% step agreement).
         """
         original = self._snapshot()
         generator_state = self.generator.get_state()
@@ -281,7 +293,8 @@ class Learner:
             self.start_trials[name] = scratch["loss"]
         self._restore(original)
         self.generator.set_state(generator_state)
-        self.start_name = min(self.start_trials, key=self.start_trials.get)
+        scores = {name: min(loss, self.start_untuned.get(name, math.inf)) for name, loss in self.start_trials.items()}
+        self.start_name = min(scores, key=scores.get)
         self._set_start(np.asarray(self.start_candidates[self.start_name], dtype=np.int64))
         del self.holdout_curve[curve_length:]  # the trials' own evaluations are in start_trials
         self._losses.clear()
