@@ -107,15 +107,33 @@ def _short(name: str, width: int = 48) -> str:
     return name if len(name) <= width else "..." + name[-(width - 3):]
 
 
+def _start_trials_clause(learning: dict) -> str:
+    """How the start was chosen: each candidate's held-out loss untuned -> after its tuning
+    trial, and whether the trials overturned the untuned ranking (choose_start_by_evidence)."""
+    trials = learning.get("start_trials_holdout_loss") or {}
+    if not trials:
+        return ""
+    untuned = learning.get("start_candidates_holdout_loss") or {}
+    losses = ", ".join(f"{name} {untuned[name]:.3g} -> {loss:.3g}" if name in untuned else f"{name} {loss:.3g}"
+                       for name, loss in trials.items())
+    text = f" (held-out loss untuned -> after {learning['start_trial_steps']} tuning steps: {losses}"
+    choice = learning.get("start_choice") or {}
+    lead, t = choice.get("trial_best"), choice.get("t")
+    if lead and lead != choice.get("untuned_best"):
+        strength = "" if t is None else f", t = {t:.1f}"
+        if lead == learning["initial_allocation"]:
+            text += f"; the trials overturned the untuned best, {choice['untuned_best']}{strength}"
+        else:
+            text += f"; {lead}'s lead after the trials was within the held-out noise{strength}"
+    return text + ")"
+
+
 def _learning_line(learning: dict) -> str:
     """One line on what learning did: steps, time, start, and the held-out loss it moved."""
     if learning["method"] == "fcpts":
         what = "fcpts" + (" + reconstruction" if learning["reconstruct"] else "")
         what += f", started from {learning['initial_allocation']}"
-        trials = learning.get("start_trials_holdout_loss") or {}
-        if trials:  # the start was chosen after tuning each candidate briefly
-            what += (f" (best of {', '.join(trials)} after {learning['start_trial_steps']} tuning steps each, "
-                     "held-out " + ", ".join(f"{v:.3g}" for v in trials.values()) + ")")
+        what += _start_trials_clause(learning)
     else:
         what = f"reconstruction after {learning['method']}"
     loss = learning["holdout_loss"]

@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 from fcpts_onnx.allocation import AllocationProblem, allocate
 from fcpts_onnx.discovery import discover
 from fcpts_onnx.learner.bridge import kde_density, layer_sparsity, silverman_bandwidth
-from fcpts_onnx.learner.fcpts import Learner
+from fcpts_onnx.learner.fcpts import MIN_TRIAL_STEPS, START_EVIDENCE_Z, Learner, choose_start_by_evidence
 from fcpts_onnx.learner.options import LearnOptions
 from fcpts_onnx.masks import magnitude
 from fcpts_onnx.torchform import OnnxModule
@@ -236,34 +236,50 @@ def _fit_from(candidates: dict, **opts):
     return learner, result, [p.detach().clone() for p in module.parameters()]
 
 
-def test_start_trials_tune_every_candidate_and_keep_the_best_after_tuning():
+def test_start_trials_tune_every_candidate_and_choose_by_the_held_out_evidence():
     _, problem, *_ = make_learner(mlp())
     candidates = {name: allocate(name, problem) for name in ("erk", "global", "uniform")}
-    learner, _, _ = _fit_from(candidates)
-    assert learner.start_trial_steps == 0 and learner.start_trials == {}  # 4 trial steps: under 2 each
-    learner, result, _ = _fit_from(candidates, iters=40)  # 8 trial steps over 3 candidates: 2 each
-    assert learner.start_trial_steps == 2
+    learner, _, _ = _fit_from(candidates, iters=5)
+    assert learner.start_trial_steps == 0 and learner.start_trials == {}  # at most 5 // 3 = 1 step each
+    learner, result, _ = _fit_from(candidates, iters=20)  # the trials never outnumber the learning steps
+    assert learner.start_trial_steps == 20 // 3
+    learner, result, _ = _fit_from(candidates, iters=40)  # 20% of 40 is 2 each: raised to MIN_TRIAL_STEPS
+    assert learner.start_trial_steps == MIN_TRIAL_STEPS
+    learner, result, _ = _fit_from(candidates, iters=300)  # 20% of 300 over 3 candidates
+    assert learner.start_trial_steps == 20
     assert set(learner.start_trials) == set(candidates)
-    assert learner.start_name == min(learner.start_trials, key=learner.start_trials.get)
-    assert result.steps == 40 + 3 * 2  # --iters counts the learning steps; trials come on top
+    assert learner.start_evidence["untuned_best"] == min(learner.start_untuned, key=learner.start_untuned.get)
+    assert learner.start_name in (learner.start_evidence["untuned_best"], learner.start_evidence["trial_best"])
+    assert result.steps == 300 + 3 * 20  # --iters counts the learning steps; trials come on top
     assert int(result.counts.sum()) == problem.n_zeros
+
+
+def _scatter(mean: float, n: int = 51, spread: float = 0.5, seed: int = 0) -> np.ndarray:
+    """Per-sample held-out losses with the given mean, spread over samples as real ones are."""
+    rng = np.random.default_rng(seed)
+    v = rng.lognormal(0.0, spread, n)
+    return v * (mean / v.mean())
 
 
 @pytest.mark.parametrize("untuned, after_trial, chosen", [
     # PP-LCNet at 70%: a 5-step trial made LAMP worse; ranked by the trials alone ERK won and ended 3x behind
     ({"lamp": 0.17, "erk": 0.56}, {"lamp": 0.47, "erk": 0.42}, "lamp"),
-    # PP-OCRv4 rec at 70%: untuned ERK looks best, but global recovers under tuning
-    ({"global": 18.1, "erk": 4.2}, {"global": 1.0, "erk": 1.8}, "global"),
+    # PP-OCRv4 rec at 70%: untuned ERK looks best, but global recovers under tuning (t = 7.0 there)
+    ({"global": 18.1, "erk": 4.24}, {"global": 1.92, "erk": 2.79}, "global"),
 ])
-def test_a_start_ranks_by_the_lower_of_its_untuned_and_trial_loss(monkeypatch, untuned, after_trial, chosen):
+def test_a_start_scores_the_lower_of_its_untuned_and_trial_loss(monkeypatch, untuned, after_trial, chosen):
     """The run keeps its best snapshot, the start included, so a start is worth at least its
-    untuned held-out loss: a trial that makes it worse does not count against it."""
+    untuned held-out loss: a trial that makes it worse does not count against it. The trials'
+    per-sample held-out losses reach the choice."""
     learner, problem, *_ = make_learner(mlp())
     learner.choose_start({name: allocate(name, problem) for name in untuned})
-    learner.start_untuned = dict(untuned)  # the losses measured on the real models
+    # the losses measured on the real models, the same samples scaled (a consistent difference)
+    learner._start_untuned_samples = {name: _scatter(v) for name, v in untuned.items()}
+    learner.start_untuned = dict(untuned)
 
     def trial(steps, **kwargs):  # each trial ends at the loss measured after it
-        kwargs["best"]["loss"] = after_trial[kwargs["phase"].removeprefix("trying start ")]
+        loss = after_trial[kwargs["phase"].removeprefix("trying start ")]
+        kwargs["best"].update(loss=loss, per_sample=_scatter(loss))
         return steps
 
     monkeypatch.setattr(learner, "_run_phase", trial)
@@ -271,6 +287,42 @@ def test_a_start_ranks_by_the_lower_of_its_untuned_and_trial_loss(monkeypatch, u
     learner._trial_starts(5)
     assert learner.start_trials == after_trial  # the report keeps the trials' own losses
     assert learner.start_name == chosen
+
+
+def test_a_trial_lead_within_the_noise_does_not_overturn_the_untuned_choice():
+    """MNIST at 70%: untuned LAMP 2.6x better than global; after 15-step trials global 10% ahead,
+    no more than the held-out samples' scatter: LAMP stays (from it the test KL was half)."""
+    untuned = {"lamp": _scatter(0.51, seed=1), "global": _scatter(1.36, seed=2)}
+    noise = np.random.default_rng(3).normal(0.0, 0.05, 51)
+    lamp_trial = _scatter(0.109, seed=4)
+    trials = {"lamp": lamp_trial, "global": np.clip(lamp_trial - 0.011 + noise, 0, None)}
+    name, evidence = choose_start_by_evidence(untuned, trials)
+    assert name == "lamp"
+    assert evidence["trial_best"] == "global" and 0 < evidence["t"] < START_EVIDENCE_Z
+    # the same lead, sample for sample (no scatter): the held-out split can tell them apart
+    name, evidence = choose_start_by_evidence(untuned, {"lamp": lamp_trial, "global": lamp_trial * 0.9})
+    assert name == "global" and evidence["t"] > START_EVIDENCE_Z
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), k=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_start_choice_is_the_untuned_best_or_a_clearly_better_trial(n, k, seed):
+    rng = np.random.default_rng(seed)
+    names = [f"c{i}" for i in range(k)]
+    untuned = {c: rng.lognormal(0, 1, n) for c in names}
+    trials = {c: rng.lognormal(0, 1, n) for c in names if rng.random() < 0.8}
+    name, evidence = choose_start_by_evidence(untuned, trials)
+
+    def score(c):
+        return min(untuned[c].mean(), trials[c].mean() if c in trials else math.inf)
+
+    incumbent = min(names, key=lambda c: untuned[c].mean())
+    assert evidence["untuned_best"] == incumbent
+    assert evidence["trial_best"] == min(names, key=score)
+    assert name in (incumbent, evidence["trial_best"])
+    if name != incumbent:  # switched: better on average, by more than the noise allows
+        assert n >= 3 and score(name) < score(incumbent)
+        assert evidence["t"] is None or evidence["t"] > START_EVIDENCE_Z
 
 
 def test_start_trials_only_choose():
@@ -314,7 +366,7 @@ def test_progress_bar_shows_phase_loss_and_sparsity(tmp_path, capfd):
              show_progress=True)
     err = capfd.readouterr().err
     assert "learning" in err and "learn loss=" in err and "tune loss=" in err
-    shown = [float(part.split("=")[1].rstrip("%")) for part in err.replace("\r", " ").split()
+    shown = [float(part.split("=")[1].rstrip("%]")) for part in err.replace("\r", " ").split()
              if part.startswith("sparsity=")]
     assert shown and all(55.0 <= s <= 65.0 for s in shown), shown
 
@@ -341,11 +393,20 @@ def test_summary_names_the_start_trials():
     from fcpts_onnx.report import _learning_line
 
     learning = {"method": "fcpts", "reconstruct": True, "initial_allocation": "global",
-                "start_trials_holdout_loss": {"erk": 1.77, "global": 0.996}, "start_trial_steps": 3,
-                "holdout_loss": {"initial": 2.0, "best": 0.9}, "best_step": 60, "steps": 66, "seconds": 12.0,
+                "start_candidates_holdout_loss": {"erk": 4.24, "global": 18.1},
+                "start_trials_holdout_loss": {"erk": 2.79, "global": 1.92}, "start_trial_steps": 10,
+                "start_choice": {"untuned_best": "erk", "trial_best": "global", "t": 6.989},
+                "holdout_loss": {"initial": 2.0, "best": 0.9}, "best_step": 60, "steps": 100, "seconds": 12.0,
                 "step_time_s": 0.2, "memory": {"batch_size": 16}}
     line = _learning_line(learning)
-    assert "started from global (best of erk, global after 3 tuning steps each, held-out 1.77, 0.996)" in line
+    assert ("started from global (held-out loss untuned -> after 10 tuning steps: erk 4.24 -> 2.79, "
+            "global 18.1 -> 1.92; the trials overturned the untuned best, erk, t = 7.0)") in line
+    learning |= {"initial_allocation": "lamp", "start_candidates_holdout_loss": {"lamp": 0.51, "global": 1.36},
+                 "start_trials_holdout_loss": {"lamp": 0.109, "global": 0.098},
+                 "start_choice": {"untuned_best": "lamp", "trial_best": "global", "t": 2.1}}
+    line = _learning_line(learning)
+    assert ("started from lamp (held-out loss untuned -> after 10 tuning steps: lamp 0.51 -> 0.109, "
+            "global 1.36 -> 0.098; global's lead after the trials was within the held-out noise, t = 2.1)") in line
 
 
 # -- pair exchanges after the gradient steps (fcpts without reconstruction) ---------------------

@@ -119,3 +119,37 @@ def distillation_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str,
             loss = (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
         total = loss if total is None else total + loss
     return total
+
+
+def per_sample_losses(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],
+                      kinds: Mapping[str, str], temperature: float, class_axis: int | None = None,
+                      energies: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Each sample's share of distillation_loss(): a vector over the batch whose mean is the
+    batch's loss (same normalisers: "nmse" divides by the batch's mean teacher energy per
+    sample, not by each sample's own). For paired comparisons of two networks on a split."""
+    total = None
+    for name, kind in kinds.items():
+        s, t = student[name], teacher[name]
+        n = t.shape[0]
+        if kind in ("kl", "kl_prob"):
+            s, t = _classes_last(s, class_axis), _classes_last(t, class_axis)
+        if kind == "kl":
+            c = t.shape[-1]
+            kl = F.kl_div(F.log_softmax(s.reshape(n, -1, c) / temperature, dim=-1),
+                          F.log_softmax(t.reshape(n, -1, c) / temperature, dim=-1),
+                          reduction="none", log_target=True).sum(dim=-1)
+            loss = kl.mean(dim=1) * temperature**2
+        elif kind == "kl_prob":
+            p = t.clamp_min(1e-12)
+            kl = (p * (p.log() - s.clamp_min(1e-12).log())).sum(dim=-1)
+            loss = kl.reshape(n, -1).mean(dim=1)
+        elif kind == "nmse_channel":
+            energy = (energies or {}).get(name)
+            if energy is None:
+                energy = channel_energies({name: t}, {name: kind})[name]
+            err = (s - t).pow(2).reshape(n, t.shape[1], -1).mean(dim=2)  # [n, channels]
+            loss = (err / energy).mean(dim=1)
+        else:
+            loss = (s - t).pow(2).reshape(n, -1).sum(dim=1) * n / t.pow(2).sum().clamp_min(1e-12)
+        total = loss if total is None else total + loss
+    return total

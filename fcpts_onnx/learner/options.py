@@ -56,9 +56,10 @@ class LearnOptions:
         final_tune_fraction: share of iters at the end in which the allocation is frozen (projected
             once) and only the weights keep learning (fcpts with reconstruction).
         start_trial_fraction: share of iters spent choosing the start (fcpts with reconstruction
-            and ``init="best"``): each candidate allocation is tuned for an equal part of it and
-            the best on the held-out split afterwards is kept, tuned weights included. 0 ranks
-            the candidates untuned.
+            and ``init="best"``), on top of them: each candidate allocation is tuned for an equal
+            part of it (at least MIN_TRIAL_STEPS, never more steps in all than iters), then the
+            tuning is thrown away and the start chosen on the held-out split (see
+            choose_start_by_evidence). 0 ranks the candidates untuned.
         refine: fcpts without reconstruction: after the gradient steps, exchange zeros between
             pairs of layers while the exact (hard-mask) loss on the learning split falls; kept
             only if the held-out loss agrees. Reconstruction runs ignore it.

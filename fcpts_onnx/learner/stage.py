@@ -133,6 +133,8 @@ def learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, tr
         "start_candidates_holdout_loss": start_losses,
         # with reconstruction: each candidate's held-out loss after start_trial_steps of tuning
         "start_trials_holdout_loss": learner.start_trials,
+        # which start the trials chose and how sure: untuned_best, trial_best, t (paired t statistic)
+        "start_choice": learner.start_evidence,
         "start_trial_steps": learner.start_trial_steps,
         # True when the target was too high to keep one weight in every output channel
         "channel_protection_relaxed": bool(learner.protection_relaxed),
