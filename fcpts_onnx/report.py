@@ -107,7 +107,7 @@ def _short(name: str, width: int = 48) -> str:
     return name if len(name) <= width else "..." + name[-(width - 3):]
 
 
-def _start_trials_clause(learning: dict) -> str:
+def describe_start_choice(learning: dict) -> str:
     """How the start was chosen: each candidate's held-out loss untuned -> after its tuning
     trial, and whether the trials overturned the untuned ranking (choose_start_by_evidence)."""
     trials = learning.get("start_trials_holdout_loss") or {}
@@ -133,7 +133,7 @@ def _learning_line(learning: dict) -> str:
     if learning["method"] == "fcpts":
         what = "fcpts" + (" + reconstruction" if learning["reconstruct"] else "")
         what += f", started from {learning['initial_allocation']}"
-        what += _start_trials_clause(learning)
+        what += describe_start_choice(learning)
     else:
         what = f"reconstruction after {learning['method']}"
     loss = learning["holdout_loss"]

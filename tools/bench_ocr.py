@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fcpts_onnx import sparsify
     from fcpts_onnx.learner.options import LearnOptions
+    from fcpts_onnx.report import describe_start_choice
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="global:off,lamp:off,global:on,fcpts:on")
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 "start_candidates_holdout_loss": (report.learning or {}).get("start_candidates_holdout_loss"),
                 "start_trials_holdout_loss": (report.learning or {}).get("start_trials_holdout_loss"),
                 "start_choice": (report.learning or {}).get("start_choice"),
+                "start_choice_text": describe_start_choice(report.learning) if report.learning else "",
                 "best_step": (report.learning or {}).get("best_step"),
                 "holdout_curve": (report.learning or {}).get("holdout_loss", {}).get("curve"),
                 # fcpts without reconstruction: the pair exchanges after the gradient steps
@@ -91,22 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             kl = "-" if row["holdout_kl"] is None else f"{row['holdout_kl']:.3f}"
             print(f"{method:8s} recon={recon:3s}: step agreement {row['step_agreement']:.1%}, lines identical "
                   f"{row['lines_identical']:.0%}, held-out KL {kl}, {seconds:.0f} s"
-                  + (f" (start {row['start']}, best step {row['best_step']}, {_start_choice(row)})" if method == "fcpts" else "")
+                  + (f" (start {row['start']}{row['start_choice_text']}, best step {row['best_step']})" if method == "fcpts" else "")
                   + (_exchanges(row["refinement"]) if row["refinement"] else ""), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
-
-
-def _start_choice(row: dict) -> str:
-    """How the start trials chose: each candidate's held-out loss untuned -> after its trial."""
-    untuned, trials = row["start_candidates_holdout_loss"] or {}, row["start_trials_holdout_loss"] or {}
-    if not trials:
-        return "no start trials"
-    losses = ", ".join(f"{name} {untuned.get(name, float('nan')):.3g} -> {trials[name]:.3g}" for name in trials)
-    choice = row["start_choice"] or {}
-    t = f", t = {choice['t']}" if choice.get("t") is not None else ""
-    return f"start trials: {losses}{t}"
 
 
 def _exchanges(refined: dict) -> str:

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fcpts_onnx import sparsify
     from fcpts_onnx.learner.options import LearnOptions
+    from fcpts_onnx.report import describe_start_choice
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="global:off,lamp:off,erk:off,global:on,lamp:on,erk:on,fcpts:on")
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                 "holdout_loss": learning.get("holdout_loss", {}).get("best"),
                 "steps": learning.get("steps"), "start": learning.get("initial_allocation"),
                 "start_trials_holdout_loss": learning.get("start_trials_holdout_loss"),
+                "start_choice": learning.get("start_choice"),
+                "start_choice_text": describe_start_choice(learning) if learning else "",
                 "best_step": learning.get("best_step"), "seconds": round(seconds, 1),
                 "achieved_sparsity": report.achieved_sparsity,
             }
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             held = "-" if row["holdout_loss"] is None else f"{row['holdout_loss']:.2e}"
             print(f"{method:8s} recon={recon:3s}: agreement {row['agreement']:.1%}, accuracy {row['accuracy']:.1%}, "
                   f"test KL {row['test_kl']:.2e}, held-out loss {held}, steps {row['steps']}, {seconds:.0f} s"
-                  + (f" (start {row['start']}, best step {row['best_step']})" if method == "fcpts" else ""),
+                  + (f" (start {row['start']}{row['start_choice_text']}, best step {row['best_step']})" if method == "fcpts" else ""),
                   flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
