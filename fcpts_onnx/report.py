@@ -123,6 +123,8 @@ def describe_start_choice(learning: dict) -> str:
         strength = "" if t is None else f", t = {t:.1f}"
         if lead == learning["initial_allocation"]:
             text += f"; the trials overturned the untuned best, {choice['untuned_best']}{strength}"
+        elif choice.get("reason"):
+            text += f"; {lead}'s lead after the trials was not used: {choice['reason']}"
         else:
             text += f"; {lead}'s lead after the trials was within the held-out noise{strength}"
     return text + ")"

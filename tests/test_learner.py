@@ -407,6 +407,10 @@ def test_summary_names_the_start_trials():
     line = _learning_line(learning)
     assert ("started from lamp (held-out loss untuned -> after 10 tuning steps: lamp 0.51 -> 0.109, "
             "global 1.36 -> 0.098; global's lead after the trials was within the held-out noise, t = 2.1)") in line
+    learning["start_choice"] = {"untuned_best": "lamp", "trial_best": "global",
+                                "reason": "2 held-out samples cannot tell them apart"}
+    assert "global's lead after the trials was not used: 2 held-out samples cannot tell them apart)" in \
+        _learning_line(learning)
 
 
 # -- pair exchanges after the gradient steps (fcpts without reconstruction) ---------------------
@@ -741,3 +745,32 @@ def test_channel_nmse_keeps_the_small_channels_of_a_detection_head_that_plain_nm
     (box_plain, cls_plain), (box_channel, cls_channel) = errors["nmse"], errors["nmse-channel"]
     assert cls_channel < 0.5 * cls_plain, errors
     assert box_channel < 3 * box_plain, errors  # the boxes pay a little for it
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["kl", "kl_prob", "nmse", "nmse_channel"]), n=st.integers(1, 6),
+       positions=st.integers(1, 4), classes=st.integers(2, 5), class_axis=st.sampled_from([None, 1]),
+       seed=st.integers(0, 2**16))
+def test_per_sample_losses_average_to_the_batch_loss(kind, n, positions, classes, class_axis, seed):
+    """The start choice compares networks sample by sample: each sample's share must add up to
+    exactly the loss the learner optimises and reports, for every loss kind."""
+    from fcpts_onnx.learner.loss import distillation_loss, per_sample_losses
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, classes, positions) if class_axis == 1 else (n, positions, classes)
+    student, teacher = torch.randn(shape, generator=g) * 3, torch.randn(shape, generator=g) * 3
+    if kind == "kl_prob":  # distributions along the class axis
+        axis = 1 if class_axis == 1 else -1
+        student, teacher = student.softmax(axis), teacher.softmax(axis)
+    kinds = {"y": kind}
+    whole = distillation_loss({"y": student}, {"y": teacher}, kinds, 4.0, class_axis)
+    shares = per_sample_losses({"y": student}, {"y": teacher}, kinds, 4.0, class_axis)
+    assert shares.shape == (n,)
+    assert float(shares.mean()) == pytest.approx(float(whole), rel=1e-5, abs=1e-7)
+    # one sample's share depends on that sample's outputs: change sample 0 only
+    if n > 1 and kind != "nmse":  # (nmse divides by the batch's energy, which sample 0 is part of)
+        moved = student.clone()
+        moved[0] = teacher[0]
+        again = per_sample_losses({"y": moved}, {"y": teacher}, kinds, 4.0, class_axis)
+        torch.testing.assert_close(again[1:], shares[1:])
+        assert float(again[0]) == pytest.approx(0.0, abs=1e-5)

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="global:off,lamp:off,global:on,fcpts:on")
     parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--iters", type=int, default=60)
+    parser.add_argument("--iters", type=int, default=60, help="learning steps; 0: the default time budget")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--calib", type=int, default=256)
     parser.add_argument("--test", type=int, default=64)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             method, recon = run.split(":")
             start = time.perf_counter()
             report = sparsify(model, out, calib, sparsity=args.sparsity, method=method, reconstruct=recon == "on",
-                              learn=LearnOptions(iters=args.iters, batch_size=args.batch_size, seed=args.seed,
+                              learn=LearnOptions(iters=args.iters or None, batch_size=args.batch_size, seed=args.seed,
                                                  init=args.init, threshold_lr=args.threshold_lr,
                                                  final_tune_fraction=args.final_tune, refine=not args.no_refine),
                               report_path=False)
