@@ -37,6 +37,8 @@ def _mnist_eval():
 
 
 def main(argv: list[str] | None = None) -> int:
+    from learn_overrides import parse_learn_overrides
+
     from fcpts_onnx import sparsify
     from fcpts_onnx.learner.options import LearnOptions
 
@@ -47,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int)
     parser.add_argument("--seeds", default="0", help="learner seeds, e.g. 0,1,2")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--learn", action="append", metavar="KEY=VALUE",
+                        help="any LearnOptions field, for experiments (repeatable; 'none' for None)")
     args = parser.parse_args(argv)
+    overrides = parse_learn_overrides(args.learn)
     mnist_eval = _mnist_eval()
     sparsities = [float(s) for s in args.sparsities.split(",")]
     methods = args.methods.split(",")
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                         out = Path(tmp) / "m.onnx"
                         start = time.perf_counter()
                         report = sparsify(MODEL, out, CALIB, sparsity=s, method=method, reconstruct=recon,
-                                          learn=LearnOptions(iters=args.iters, seed=seed), report_path=False)
+                                          learn=LearnOptions(**{"iters": args.iters, "seed": seed, **overrides}), report_path=False)
                         seconds = time.perf_counter() - start
                         test = mnist_eval.fidelity(out, MODEL)
                         acc = test["accuracy"]

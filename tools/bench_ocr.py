@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
+    from learn_overrides import parse_learn_overrides
     from ocr_data import ctc_greedy, packaged_file, text_lines
 
     from fcpts_onnx import sparsify
@@ -50,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-refine", action="store_true",
                         help="fcpts without reconstruction: skip the pair exchanges (LearnOptions.refine)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--learn", action="append", metavar="KEY=VALUE",
+                        help="any LearnOptions field, for experiments (repeatable; 'none' for None)")
     args = parser.parse_args(argv)
+    overrides = parse_learn_overrides(args.learn)
     model = packaged_file("rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx", "rapidocr-onnxruntime==1.4.4")
     if model is None:
         return 2
@@ -68,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             report = sparsify(model, out, calib, sparsity=args.sparsity, method=method, reconstruct=recon == "on",
                               learn=LearnOptions(iters=args.iters or None, batch_size=args.batch_size, seed=args.seed,
                                                  init=args.init, threshold_lr=args.threshold_lr,
-                                                 final_tune_fraction=args.final_tune, refine=not args.no_refine),
+                                                 final_tune_fraction=args.final_tune, refine=not args.no_refine,
+                                                 **overrides),
                               report_path=False)
             seconds = time.perf_counter() - start
             sparse = ort.InferenceSession(str(out)).run(None, {"x": test})[0]

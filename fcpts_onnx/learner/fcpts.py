@@ -495,9 +495,16 @@ class Learner:
             step = (u / scale).clamp(-5.0, 5.0)
             seen = step.detach().cpu().numpy().astype(np.float64)
             self.marginal_cost = seen if self.marginal_cost is None else 0.9 * self.marginal_cost + 0.1 * seen
+            move = -lr * step
+            bound = self.options.max_sparsity_step
+            if bound is not None:
+                # ds_l/dtheta_l = c_l * N / N_l: at most ``bound`` of the layer's own sparsity a step
+                slope = c * self.total / torch.tensor(self.sizes, dtype=c.dtype, device=c.device)
+                limit = torch.where(slope > 1e-12, bound / slope.clamp_min(1e-12), torch.full_like(slope, math.inf))
+                move = torch.maximum(torch.minimum(move, limit), -limit)
             with torch.no_grad():
-                for layer, du in zip(self.layers, step):
-                    layer.theta -= lr * du
+                for layer, dtheta in zip(self.layers, move):
+                    layer.theta += dtheta
                     layer.clamp_theta()
         return self._shift_to_target()
 
