@@ -70,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
             method, recon = run.split(":")
             start = time.perf_counter()
             report = sparsify(model, out, calib, sparsity=args.sparsity, method=method, reconstruct=recon == "on",
-                              learn=LearnOptions(iters=args.iters or None, batch_size=args.batch_size, seed=args.seed,
-                                                 init=args.init, threshold_lr=args.threshold_lr,
-                                                 final_tune_fraction=args.final_tune, refine=not args.no_refine,
-                                                 **overrides),
+                              learn=LearnOptions(**{"iters": args.iters or None, "batch_size": args.batch_size,
+                                                    "seed": args.seed, "init": args.init,
+                                                    "threshold_lr": args.threshold_lr,
+                                                    "final_tune_fraction": args.final_tune,
+                                                    "refine": not args.no_refine, **overrides}),
                               report_path=False)
             seconds = time.perf_counter() - start
             sparse = ort.InferenceSession(str(out)).run(None, {"x": test})[0]
