@@ -16,13 +16,7 @@ from onnx import helper, numpy_helper
 from fcpts_onnx.allocation import AllocationProblem, allocate
 from fcpts_onnx.discovery import discover
 from fcpts_onnx.learner.bridge import kde_density, layer_sparsity, silverman_bandwidth
-from fcpts_onnx.learner.fcpts import (
-    MIN_TRIAL_STEPS,
-    START_EVIDENCE_Z,
-    Learner,
-    adam_allocation_step,
-    choose_start_by_evidence,
-)
+from fcpts_onnx.learner.fcpts import MIN_TRIAL_STEPS, START_EVIDENCE_Z, Learner, choose_start_by_evidence
 from fcpts_onnx.learner.options import LearnOptions
 from fcpts_onnx.masks import magnitude
 from fcpts_onnx.torchform import OnnxModule
@@ -170,42 +164,6 @@ def test_an_allocation_step_moves_no_layer_further_than_the_bound(bound):
     assert moved[0] < 0 < moved[1]  # the same direction, a shorter way
     # the bound is on the linearised step; the common shift back to the target adds a little
     assert np.abs(moved).max() <= 1.5 * bound + 2 / min(problem.sizes)
-
-
-def test_adam_allocation_steps_follow_consistent_costs_and_damp_flipping_ones():
-    """allocation_step="adam": a layer whose marginal cost stays above the others' keeps
-    getting steps of about one (denser), one whose cost flips sign every step (noise, as on a
-    batch of 16) gets small steps, and the part common to all layers (what the shift back to
-    the target absorbs) moves nothing."""
-    c = torch.tensor([1.0, 2.0, 0.5, 1.0])
-    usable = c > 0
-    moments = None
-    steps = []
-    for k in range(30):
-        noise = 3.0 if k % 2 else -3.0
-        u = torch.tensor([2.0, 1.0, 1.0 + noise, 1.0]) + 10.0  # + 10: a common part
-        step, moments = adam_allocation_step(moments, u, u * c, c, usable)
-        steps.append(step)
-    steps = torch.stack(steps)
-    consistent, flipping = steps[5:, 0], steps[5:, 2]
-    assert bool((consistent > 0.5).all())  # steadily dearer than the rest: steadily denser
-    assert float(flipping.abs().mean()) < 0.5 * float(consistent.abs().mean())
-    common, _ = adam_allocation_step(None, torch.full((4,), 7.0), 7.0 * c, c, usable)
-    assert torch.allclose(common, torch.zeros(4))
-
-
-def test_the_adam_allocation_step_keeps_the_target_and_moves_the_dear_layer_denser():
-    learner, problem, *_ = make_learner(mlp(), reconstruct=False, allocation_step="adam")
-    for layer in learner.layers:
-        layer.refresh()
-    before = [float((layer.magnitudes() <= layer.threshold()).float().mean()) for layer in learner.layers]
-    for _ in range(5):
-        learner.layers[0].theta.grad = torch.tensor(1.0)  # sparser costs: this layer gets denser
-        learner.layers[1].theta.grad = torch.tensor(-1.0)
-        learner._projected_threshold_step(0.1)
-    after = [float((layer.magnitudes() <= layer.threshold()).float().mean()) for layer in learner.layers]
-    assert after[0] < before[0] and after[1] > before[1]
-    assert abs(learner._counted_sparsity() - problem.target) < 0.02
 
 
 def test_constraint_alone_pulls_sparsity_to_the_target():

@@ -133,10 +133,6 @@ def keep_mask(mags: torch.Tensor, k: int) -> torch.Tensor:
 # ERK it collapsed (57.9%).
 MIN_TRIAL_STEPS = 10
 
-# Running-moment decay rates of the allocation steps (allocation_step="adam"): Adam's first,
-# a shorter second (runs are a few hundred steps, not tens of thousands).
-ALLOCATION_BETAS = (0.9, 0.99)
-
 # A start trial overturns the untuned ranking only where the held-out split tells the two
 # starts apart clearly: the mean paired per-sample difference must exceed this many standard
 # errors. A trial measures early recovery, a proxy for where the run ends, and the challenger
@@ -179,33 +175,6 @@ def choose_start_by_evidence(untuned: Mapping[str, np.ndarray], trials: Mapping[
     t_stat = math.inf if se == 0 else float(diff.mean()) / se
     evidence["t"] = round(t_stat, 3) if math.isfinite(t_stat) else None
     return (challenger if t_stat > z else incumbent), evidence
-
-
-@torch.no_grad()
-def adam_allocation_step(moments: tuple | None, u: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
-                         usable: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-    """One allocation step from running moments of the centred marginal costs
-    (``allocation_step="adam"``). Returns (step per layer, the moments to pass next time).
-
-    u_l = g_l / c_l is layer l's marginal loss per unit of global sparsity. Its common part,
-    mu = sum g_l / sum c_l (the same along a common shift of all log-thresholds), is what the
-    shift back to the target absorbs anyway; only u_l - mu says which layer should be denser
-    or sparser. On a batch of 16 that difference is mostly noise: on PP-OCRv4 rec at 80% the
-    per-step normalised steps moved a 57600-weight conv's sparsity 0.69 -> 0.85 -> 0.69 within
-    10 steps, a churn of masks the reconstruction never caught up with (held-out loss 1.71
-    after 120 steps from ERK, against 1.19 with ERK's masks fixed). Adam's m / sqrt(v) on
-    u_l - mu moves a layer by about one learning rate a step while its sign holds over steps,
-    and by little while it flips.
-    """
-    mu = g[usable].sum() / c[usable].sum()
-    centred = torch.where(usable, u - mu, torch.zeros_like(u)).double()
-    m, v, k = moments if moments is not None else (torch.zeros_like(centred), torch.zeros_like(centred), 0)
-    b1, b2 = ALLOCATION_BETAS
-    k += 1
-    m = b1 * m + (1 - b1) * centred
-    v = b2 * v + (1 - b2) * centred * centred
-    step = (m / (1 - b1 ** k)) / ((v / (1 - b2 ** k)).sqrt() + 1e-30)
-    return step.to(u.dtype), (m, v, k)
 
 
 def _duration(seconds: float) -> str:
@@ -301,7 +270,6 @@ class Learner:
         # running mean of each layer's marginal loss per zero (the projected steps' u_l over
         # their mean magnitude): orders the pair exchanges, cheapest-to-prune first
         self.marginal_cost: np.ndarray | None = None
-        self._allocation_moments: tuple | None = None  # allocation_step="adam": (m, v, steps), per phase
         self.teacher_train = self._teacher(self.train)
         self.teacher_holdout = self._teacher(self.holdout)
         self.kinds = output_loss_kinds(self.teacher_train, options.loss, options.class_axis)
@@ -527,8 +495,6 @@ class Learner:
             step = (u / scale).clamp(-5.0, 5.0)
             seen = step.detach().cpu().numpy().astype(np.float64)
             self.marginal_cost = seen if self.marginal_cost is None else 0.9 * self.marginal_cost + 0.1 * seen
-            if self.options.allocation_step == "adam":
-                step, self._allocation_moments = adam_allocation_step(self._allocation_moments, u, g, c, usable)
             move = -lr * step
             bound = self.options.max_sparsity_step
             if bound is not None:
@@ -644,7 +610,6 @@ class Learner:
             return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, iters - warmup)))
 
         base = [[g["lr"] for g in o.param_groups] for o in optimizers]
-        self._allocation_moments = None  # a phase starts its allocation moments afresh, as its optimizers
         if self.progress is not None:  # the phase starts now (the bar's clock restarts)
             self.progress(start_step, max(self.total_steps, start_step), {
                 "phase": phase, "loss": math.nan, "sparsity": self.problem.n_zeros / self.total,

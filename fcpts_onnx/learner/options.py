@@ -9,7 +9,6 @@ from ..errors import OptionError
 
 LOSS_KINDS = ("auto", "kl", "nmse", "nmse-channel")
 CONSTRAINTS = ("projected", "penalty")
-ALLOCATION_STEPS = ("normalised", "adam")
 INITS = ("best", "erk", "global", "lamp", "uniform")
 DEFAULT_ITERS = 300
 # Without --iters or --time-budget a run takes DEFAULT_ITERS steps or as many as fit in this
@@ -67,10 +66,6 @@ class LearnOptions:
             warm-up (0.0086 -> 0.035 instead of 0.21) and ended lower on it (2.0e-4 against
             3.9e-4), yet on 512 test pages its KL was 1.7e-2 against 4.9e-3 unbounded, and
             MNIST at 90% got worse (KL 0.00743 against 0.00691): not the default.
-        allocation_step: how a projected allocation step turns the marginal costs u_l into
-            moves of the log-thresholds: "normalised" (u_l over the mean |u|, clipped at 5) or
-            "adam" (running moments of u_l minus their common part: a layer moves while its
-            direction holds over steps; see Learner._adam_allocation_step).
         refine: fcpts without reconstruction: after the gradient steps, exchange zeros between
             pairs of layers while the exact (hard-mask) loss on the learning split falls; kept
             only if the held-out loss agrees. Reconstruction runs ignore it.
@@ -96,7 +91,6 @@ class LearnOptions:
     start_trial_fraction: float = 0.2
     refine: bool = True
     max_sparsity_step: float | None = None
-    allocation_step: str = "normalised"
 
     def __post_init__(self) -> None:
         def positive(name, value, integer=False):
@@ -119,9 +113,6 @@ class LearnOptions:
             raise OptionError(f"--lambda must be >= 0 (got {self.lambda_!r})")
         if self.constraint not in CONSTRAINTS:
             raise OptionError(f"--constraint must be one of {', '.join(CONSTRAINTS)} (got {self.constraint!r})")
-        if self.allocation_step not in ALLOCATION_STEPS:
-            raise OptionError(f"allocation_step must be one of {', '.join(ALLOCATION_STEPS)} "
-                              f"(got {self.allocation_step!r})")
         if self.init not in INITS:
             raise OptionError(f"--init must be one of {', '.join(INITS)} (got {self.init!r})")
         if self.class_axis is not None and (not isinstance(self.class_axis, int) or isinstance(self.class_axis, bool)):
