@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "reference's L_rec + lambda * |s - S|")
     learn.add_argument("--init", choices=INITS, default=LearnOptions.init,
                        help="fcpts starting allocation; best (default) picks the data-free allocation "
-                            "with the lowest held-out loss, and with reconstruction lets short tuning trials "
-                            "of each overturn that choice where they beat it clearly")
+                            "with the lowest held-out loss, and with reconstruction lets short trial runs "
+                            "from each (the run's own first steps) overturn that choice where they beat it clearly")
     learn.add_argument("--no-refine", dest="refine", action="store_false",
                        help="fcpts without reconstruction: skip the pair exchanges of zeros between layers "
                             "that follow the gradient steps (on by default where one sweep over all pairs fits in 30%% of "

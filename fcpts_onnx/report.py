@@ -108,7 +108,7 @@ def _short(name: str, width: int = 48) -> str:
 
 
 def describe_start_choice(learning: dict) -> str:
-    """How the start was chosen: each candidate's held-out loss untuned -> after its tuning
+    """How the start was chosen: each candidate's held-out loss untuned -> after its
     trial, and whether the trials overturned the untuned ranking (choose_start_by_evidence)."""
     trials = learning.get("start_trials_holdout_loss") or {}
     if not trials:
@@ -116,7 +116,7 @@ def describe_start_choice(learning: dict) -> str:
     untuned = learning.get("start_candidates_holdout_loss") or {}
     losses = ", ".join(f"{name} {untuned[name]:.3g} -> {loss:.3g}" if name in untuned else f"{name} {loss:.3g}"
                        for name, loss in trials.items())
-    text = f" (held-out loss untuned -> after {learning['start_trial_steps']} tuning steps: {losses}"
+    text = f" (held-out loss untuned -> after {learning['start_trial_steps']} trial steps: {losses}"
     choice = learning.get("start_choice") or {}
     lead, t = choice.get("trial_best"), choice.get("t")
     if lead and lead != choice.get("untuned_best"):

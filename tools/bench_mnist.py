@@ -74,15 +74,19 @@ def main(argv: list[str] | None = None) -> int:
                         test = mnist_eval.fidelity(out, MODEL)
                         acc = test["accuracy"]
                         fid = report.fidelity[0]
+                        learning = report.learning or {}
                         results["runs"].append({"method": method, "reconstruct": recon, "sparsity": s, "seed": seed,
                                                 "accuracy": acc, "test_nll": test["nll"],
                                                 "test_agreement": test["agreement"], "test_kl": test["kl"],
                                                 "seconds": round(seconds, 1),
-                                                "holdout_top1": fid["top1_agreement"], "holdout_kl": fid["kl"]})
+                                                "holdout_top1": fid["top1_agreement"], "holdout_kl": fid["kl"],
+                                                "start": learning.get("initial_allocation"),
+                                                "start_choice": learning.get("start_choice"),
+                                                "start_trials_holdout_loss": learning.get("start_trials_holdout_loss")})
                         print(f"{method:8s} recon={'on ' if recon else 'off'} {s:.0%} seed {seed}: accuracy {acc:.2%} "
-                              f"(test NLL {test['nll']:.4f}, KL to dense {test['kl']:.4f}) "
-                              f"(held-out top-1 agreement {fid['top1_agreement']:.2%}, KL {fid['kl']:.4f}, "
-                              f"{seconds:.1f} s)", flush=True)
+                              f"(test NLL {test['nll']:.4f}, KL to dense {test['kl']:.5f}) "
+                              f"(held-out top-1 agreement {fid['top1_agreement']:.2%}, KL {fid['kl']:.5f}, "
+                              f"{seconds:.1f} s){_start(learning)}", flush=True)
     print(f"\ndense accuracy: {results['dense']:.2%}\n")
     _table(results["runs"], methods, recon_modes, sparsities, "accuracy", "{:.2%}")
     print("\nTest log-loss (mean cross-entropy of the 4488 labels; dense "
@@ -94,6 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def _start(learning: dict) -> str:
+    """fcpts's start and how it was chosen, as the CLI report says it; empty for other methods."""
+    from fcpts_onnx.report import describe_start_choice
+
+    if learning.get("method") != "fcpts":
+        return ""
+    return f", start {learning['initial_allocation']}{describe_start_choice(learning)}"
 
 
 def _table(runs: list[dict], methods, recon_modes, sparsities, key: str, fmt: str) -> None:
