@@ -114,10 +114,15 @@ def describe_start_choice(learning: dict) -> str:
     if not trials:
         return ""
     untuned = learning.get("start_candidates_holdout_loss") or {}
+    choice = learning.get("start_choice") or {}
+    where = "held-out loss"
+    samples = choice.get("samples") or {}
+    if samples.get("not_yet_learned") and choice.get("trials"):  # judged on more than the held-out split
+        untuned, trials = choice["untuned"], choice["trials"]
+        where = f"loss on {samples['held_out']} held-out + {samples['not_yet_learned']} not yet learned samples"
     losses = ", ".join(f"{name} {untuned[name]:.3g} -> {loss:.3g}" if name in untuned else f"{name} {loss:.3g}"
                        for name, loss in trials.items())
-    text = f" (held-out loss untuned -> after {learning['start_trial_steps']} trial steps: {losses}"
-    choice = learning.get("start_choice") or {}
+    text = f" ({where} untuned -> after {learning['start_trial_steps']} trial steps: {losses}"
     lead, t = choice.get("trial_best"), choice.get("t")
     if lead and lead != choice.get("untuned_best"):
         strength = "" if t is None else f", t = {t:.1f}"

@@ -390,6 +390,34 @@ def test_a_start_trial_is_the_first_steps_of_the_run_from_that_start():
     assert learner.start_trials[other] != learner.start_trials[chosen]
 
 
+def test_start_choice_also_judges_on_the_learning_samples_no_trial_learned_from():
+    """Each trial learns from the same first batches; the rest of the learning split is as
+    unseen by every trial as the held-out split, and the choice is judged on both."""
+    learner, problem, _, module = make_learner(mlp(), iters=40, batch_size=4)
+    learner.choose_start({"erk": allocate("erk", problem), "uniform": allocate("uniform", problem)})
+    unseen, _ = learner._not_learned_in_trials(MIN_TRIAL_STEPS, learner.generator.get_state())
+    learned_from = []
+    run = module.run
+
+    def recording(batch):
+        if torch.is_grad_enabled():  # a learning step, not an evaluation
+            learned_from.append(batch["x"].clone())
+        return run(batch)
+
+    module.run = recording
+    learner.fit()
+    assert learner.start_trial_steps == MIN_TRIAL_STEPS
+    trial_rows = torch.cat(learned_from[:2 * MIN_TRIAL_STEPS])  # the two trials' batches
+    assert torch.equal(trial_rows[:40], trial_rows[40:])  # both trials learn from the same samples
+    assert unseen["x"].shape[0] == 80 - MIN_TRIAL_STEPS * 4
+    assert not any(torch.equal(row, seen) for row in unseen["x"] for seen in trial_rows)
+    assert learner.start_evidence["samples"] == {"held_out": 16, "not_yet_learned": 40}
+    # the compared means cover both: untuned and after the trials
+    assert set(learner.start_evidence["untuned"]) == set(learner.start_evidence["trials"]) == {"erk", "uniform"}
+    # a split the trials cover entirely adds nothing
+    assert learner._not_learned_in_trials(20, learner.generator.get_state()) == (None, None)
+
+
 @pytest.mark.parametrize("build, axis", [("conv_via_transpose", 3), ("matmul_via_transpose", 0),
                                          ("matmul", 1), ("conv", 0)])
 def test_output_axis_through_transpose(build, axis):
@@ -460,6 +488,10 @@ def test_summary_names_the_start_trials():
     line = _learning_line(learning)
     assert ("started from lamp (held-out loss untuned -> after 10 trial steps: lamp 0.51 -> 0.109, "
             "global 1.36 -> 0.098; global's lead after the trials was within the held-out noise, t = 2.1)") in line
+    learning["start_choice"] = {"untuned_best": "lamp", "trial_best": "lamp", "untuned": {"lamp": 0.4, "global": 1.2},
+                                "trials": {"lamp": 0.1, "global": 0.2}, "samples": {"held_out": 26, "not_yet_learned": 70}}
+    assert ("(loss on 26 held-out + 70 not yet learned samples untuned -> after 10 trial steps: "
+            "lamp 0.4 -> 0.1, global 1.2 -> 0.2)") in _learning_line(learning)
     learning["start_choice"] = {"untuned_best": "lamp", "trial_best": "global",
                                 "reason": "2 held-out samples cannot tell them apart"}
     assert "global's lead after the trials was not used: 2 held-out samples cannot tell them apart)" in \
