@@ -18,6 +18,7 @@ import onnx
 import pytest
 
 from fcpts_onnx import inspect_model, sparsify
+from fcpts_onnx.learner.options import DEFAULT_TIME_BUDGET
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "models" / "mnist_cnn"
@@ -106,8 +107,11 @@ def test_readme_first_command_runs(tmp_path):
     optimize = command.split("&& ", 1)[1]
     shutil.copytree(BUNDLE, tmp_path / "models" / "mnist_cnn")
     args = optimize.split()[1:]
+    # Alone it takes under a minute; on a loaded machine the run sizes itself to its time
+    # budget (DEFAULT_TIME_BUDGET, 300 steps at most), so the limit sits above that budget:
+    # with two benchmarks beside it the run passed 300 s once.
     result = subprocess.run([sys.executable, "-m", "fcpts_onnx", *args], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=DEFAULT_TIME_BUDGET + 180)
     assert result.returncode == 0, result.stderr
     assert "global sparsity: 90.0000%" in result.stdout
     out = tmp_path / "models" / "mnist_cnn" / "mnist_cnn.sparse.onnx"
