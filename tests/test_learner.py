@@ -279,7 +279,10 @@ def test_start_trials_tune_every_candidate_and_choose_by_the_held_out_evidence()
     assert set(learner.start_trials) == set(candidates)
     assert learner.start_evidence["untuned_best"] == min(learner.start_untuned, key=learner.start_untuned.get)
     assert learner.start_name in (learner.start_evidence["untuned_best"], learner.start_evidence["trial_best"])
-    assert result.steps == 300 + 3 * 20  # --iters counts the learning steps; trials come on top
+    # --iters counts the learning steps, the chosen start's trial among them (the run continues
+    # it); the other candidates' trials come on top
+    assert learner.start_trial_continued
+    assert result.steps == 300 + 2 * 20
     assert int(result.counts.sum()) == problem.n_zeros
 
 
@@ -355,20 +358,68 @@ def test_start_choice_is_the_untuned_best_or_a_clearly_better_trial(n, k, seed):
 
 
 @pytest.mark.parametrize("iters", [40, None])
-def test_start_trials_only_choose(iters):
-    """The trials' tuning is thrown away: with one candidate listed twice (so the untuned choice
-    and the trials' agree), the run is the one without trials, weight for weight. Sized by
-    time (iters None: both plan the default 300 learning steps on this small network), the
-    timing probe before the trials leaves nothing behind either (it once left the thresholds
-    shifted, so only a run without trials started from them)."""
+def test_the_run_continues_its_chosen_start_trial_and_only_that(iters):
+    """With one candidate listed twice (so the untuned choice and the trials' agree), the run
+    is the one without trials, weight for weight: the chosen trial's steps are the run's first
+    (continued, not repeated), and the other trial leaves nothing behind. Sized by time (iters
+    None: both plan the default 300 learning steps on this small network), the timing probe
+    before the trials leaves nothing behind either (it once left the thresholds shifted, so
+    only a run without trials started from them). A trial is evaluated on held-out data at its
+    end only, so the runs evaluate every trial length to be compared point for point."""
     _, problem, *_ = make_learner(mlp())
     erk = allocate("erk", problem)
-    _, with_trials, params_with = _fit_from({"a": erk, "b": erk}, iters=iters)
-    _, without, params_without = _fit_from({"a": erk, "b": erk}, iters=iters, start_trial_fraction=0.0)
-    assert with_trials.steps - without.steps == 2 * (MIN_TRIAL_STEPS if iters else 30)
+    every = MIN_TRIAL_STEPS if iters else 30
+    learner, with_trials, params_with = _fit_from({"a": erk, "b": erk}, iters=iters, eval_every=every)
+    _, without, params_without = _fit_from({"a": erk, "b": erk}, iters=iters, eval_every=every,
+                                           start_trial_fraction=0.0)
+    assert learner.start_trial_continued
+    assert with_trials.steps - without.steps == (MIN_TRIAL_STEPS if iters else 30)  # the other trial only
+    assert with_trials.holdout_curve == without.holdout_curve
+    assert with_trials.train_loss == without.train_loss
     assert with_trials.final_holdout_loss == without.final_holdout_loss
+    assert with_trials.best_step == without.best_step
     assert all(torch.equal(a, b) for a, b in zip(params_with, params_without))
     assert all(torch.equal(with_trials.masks[k], without.masks[k]) for k in without.masks)
+
+
+@pytest.mark.parametrize("z, chosen", [(-math.inf, "erk"), (math.inf, "uniform")])
+def test_continuing_a_trial_equals_repeating_it(monkeypatch, z, chosen):
+    """Whichever trial the run continues, the run is the one that repeats the chosen trial from
+    scratch. The untuned best (uniform here) runs last and is continued live; the trials' leader
+    (ERK) is continued from a saved copy of its weights, thresholds and optimizer."""
+    _, problem, *_ = make_learner(mlp())
+    candidates = {"erk": allocate("erk", problem), "uniform": allocate("uniform", problem)}
+    import fcpts_onnx.learner.fcpts as fcpts_module
+
+    real_choice, real_choose_start = fcpts_module.choose_start_by_evidence, fcpts_module.Learner.choose_start
+
+    def choose_start(self, candidates):
+        losses = real_choose_start(self, candidates)
+        self._start_untuned_samples["erk"] = self._start_untuned_samples["erk"] * 1.25  # behind uniform
+        return losses
+
+    monkeypatch.setattr(fcpts_module, "choose_start_by_evidence", lambda u, t: real_choice(u, t, z=z))
+    monkeypatch.setattr(fcpts_module.Learner, "choose_start", choose_start)
+    trial_starts = fcpts_module.Learner._trial_starts
+
+    def repeating(self, steps, schedule_iters=None, continuable=True):
+        return trial_starts(self, steps, schedule_iters, continuable=False)
+
+    runs = {}
+    for continued in (True, False):
+        if not continued:  # the repeat path, as where the trial would cross the freeze
+            monkeypatch.setattr(fcpts_module.Learner, "_trial_starts", repeating)
+        learner, result, params = _fit_from(candidates, iters=40, eval_every=MIN_TRIAL_STEPS)
+        assert learner.start_evidence["untuned_best"] == "uniform" and learner.start_evidence["trial_best"] == "erk"
+        assert learner.start_name == chosen and learner.start_trial_continued == continued
+        runs[continued] = (result, params)
+    (a, pa), (b, pb) = runs[True], runs[False]
+    assert b.steps - a.steps == MIN_TRIAL_STEPS
+    # the first point is the untuned start: recorded from choose_start (scaled above) when continued
+    assert a.holdout_curve[1:] == b.holdout_curve[1:] and a.train_loss == b.train_loss
+    assert a.final_holdout_loss == b.final_holdout_loss and a.best_step == b.best_step
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
 
 
 def test_a_start_trial_is_the_first_steps_of_the_run_from_that_start():
@@ -382,9 +433,9 @@ def test_a_start_trial_is_the_first_steps_of_the_run_from_that_start():
     learner, result, _ = _fit_from(candidates, iters=40, eval_every=MIN_TRIAL_STEPS)
     assert learner.start_trial_steps == MIN_TRIAL_STEPS
     chosen = learner.start_name
-    curve = dict(result.holdout_curve)
-    learning_started = 2 * MIN_TRIAL_STEPS
-    assert curve[learning_started + MIN_TRIAL_STEPS] == learner.start_trials[chosen]
+    curve = dict(result.holdout_curve)  # labelled by learning step
+    assert curve[0] == learner.start_untuned[chosen]
+    assert curve[MIN_TRIAL_STEPS] == learner.start_trials[chosen]
     # the other candidate's trial learned from its own start: a different network
     other = next(name for name in candidates if name != chosen)
     assert learner.start_trials[other] != learner.start_trials[chosen]

@@ -89,6 +89,33 @@ class _Layer:
             self.theta.clamp_(min=math.log(1e-12 / self.scale + 1e-30))
 
 
+@dataclass
+class _Phase:
+    """A learning phase in progress (``Learner._run_phase``): what a later call needs to
+    continue it exactly where it stopped, as the run continues its chosen start's trial."""
+
+    optimizers: list
+    base_lrs: list[list[float]]
+    order: torch.Tensor  # this pass's batch order
+    cursor: int = 0
+    step: int = 0  # steps taken on the phase's learning-rate schedule
+
+
+@dataclass
+class _TrialRun:
+    """A start trial kept so the run can continue it instead of repeating it (_trial_starts)."""
+
+    name: str
+    phase: _Phase
+    untuned: dict  # the candidate as a start: counts, masks, thresholds, the weights before any step
+    generator_state: torch.Tensor
+    best: dict  # the trial's held-out evaluation at its end
+    losses: list[float]
+    curve: list[tuple[int, float]]
+    marginal_cost: np.ndarray | None
+    snap: dict | None = None  # weights and thresholds at its end; None while they are the live ones
+
+
 def output_axis(weight: PrunableWeight, attrs_of: Callable[[int], dict]) -> int:
     """The axis of the stored weight that indexes output channels/features."""
     c = weight.consumers[0]
@@ -263,6 +290,7 @@ class Learner:
         self._start_untuned_samples: dict[str, np.ndarray] = {}
         self.start_evidence: dict | None = None  # how the trials chose (choose_start_by_evidence)
         self.start_trial_steps = 0
+        self.start_trial_continued = False  # the run went on from its chosen start's trial
         self.probe_step_times: list[float] | None = None  # a run sized by time: the steps timed first
         self.learning_iters = 0  # the steps after the start trials: --iters for this run
         self._set_start(np.asarray(initial_counts, dtype=np.int64))
@@ -314,7 +342,8 @@ class Learner:
         self.start_candidates = dict(candidates)
         return losses
 
-    def _trial_starts(self, steps: int, schedule_iters: int | None = None) -> None:
+    def _trial_starts(self, steps: int, schedule_iters: int | None = None,
+                      continuable: bool = True) -> _TrialRun | None:
         """Run the first ``steps`` steps of the learning itself from each candidate (allocation
         and weights, the run's own learning-rate schedule over ``schedule_iters`` steps, the
         same batches), and start from the one best afterwards on the samples no trial learned
@@ -328,8 +357,11 @@ class Learner:
         on PP-OCRv4 rec at 80% ERK's fixed masks recover as fast as global's (held-out 1.19
         against 1.29 after 120 steps) while learning from ERK ends at 1.71 and from global at
         0.93; a trial that learns separates them after 10 steps (3.13 against 2.76, t = 4.2).
-        The trials only choose: the weights and the batch order go back to where they were,
-        so the chosen candidate's trial is the first steps of the run.
+        The chosen candidate's trial is the run's first steps, and the run continues it (its
+        weights, thresholds, optimizer moments, batch order and held-out evaluation); the other
+        trials are thrown away. Returns the trial to continue, or None where it must be repeated
+        (``continuable`` False: the trial would cross the allocation's freeze; or a tie the
+        bookkeeping did not foresee), after putting the chosen start in place.
 
         A candidate scores the lower of its held-out loss untuned and after its trial, and a
         trial overturns the untuned choice only by a clear margin (choose_start_by_evidence).
@@ -340,7 +372,6 @@ class Learner:
         """
         original = self._snapshot()
         generator_state = self.generator.get_state()
-        curve_length = len(self.holdout_curve)
         unseen, unseen_teacher = self._not_learned_in_trials(steps, generator_state)
         untuned_samples = dict(self._start_untuned_samples)
         if unseen is not None:
@@ -348,18 +379,34 @@ class Learner:
                 extra = self._split_losses(self._masks_from_counts(np.asarray(counts, dtype=np.int64)),
                                            unseen, unseen_teacher)
                 untuned_samples[name] = np.concatenate([untuned_samples[name], extra])
+        names = list(self.start_candidates)
+
+        def mean(v: np.ndarray) -> float:
+            return float(np.mean(v))
+
+        # The run starts from the untuned best or from the best score (choose_start_by_evidence),
+        # so at most those two trials are kept. The untuned best runs last: its trial is still
+        # the live network when the choice is made, and only the leader's needs a copy.
+        incumbent = min(names, key=lambda name: mean(untuned_samples[name]))
+        leader: _TrialRun | None = None
+        leader_score = math.inf
+        live: _TrialRun | None = None
         self.start_trials = {}
         trial_samples = {}
-        for name, counts in self.start_candidates.items():
+        for name in [n for n in names if n != incumbent] + [incumbent]:
             self._restore(original)
             self.generator.set_state(generator_state)
-            self._set_start(np.asarray(counts, dtype=np.int64))
+            self._set_start(np.asarray(self.start_candidates[name], dtype=np.int64))
             for layer in self.layers:
                 layer.refresh()
+            self.marginal_cost = None
+            untuned = self._untuned_start(original)
+            losses_from, curve_from = len(self._losses), len(self.holdout_curve)
             scratch = {"loss": math.inf}
             self.total_steps = steps
+            phase = self._new_phase(True, True)
             self._run_phase(steps, learn_thresholds=True, reconstruct=True, eval_every=steps,
-                            schedule_iters=schedule_iters,
+                            schedule_iters=schedule_iters, state=phase,
                             phase=f"trying start {name}", start_step=0, best=scratch)
             self.start_trials[name] = scratch["loss"]
             if "per_sample" in scratch:
@@ -367,18 +414,53 @@ class Learner:
                 if unseen is not None:
                     extra = self._split_losses(scratch["masks"], unseen, unseen_teacher)
                     trial_samples[name] = np.concatenate([trial_samples[name], extra])
-        self._restore(original)
-        self.generator.set_state(generator_state)
-        self.start_name, self.start_evidence = choose_start_by_evidence(untuned_samples, trial_samples)
+            run = _TrialRun(name, phase, untuned, self.generator.get_state(), scratch,
+                            self._losses[losses_from:], self.holdout_curve[curve_from:],
+                            None if self.marginal_cost is None else self.marginal_cost.copy())
+            del self._losses[losses_from:], self.holdout_curve[curve_from:]
+            if not continuable:
+                continue
+            trial = trial_samples.get(name)
+            score = mean(trial) if trial is not None and mean(trial) < mean(untuned_samples[name]) \
+                else mean(untuned_samples[name])
+            # the first of equal scores in the candidates' order, as choose_start_by_evidence's min()
+            if score < leader_score or (score == leader_score and leader is not None
+                                        and names.index(name) < names.index(leader.name)):
+                leader, leader_score = run, score
+                if name != incumbent:  # its weights are about to be overwritten
+                    run.snap = scratch["snap"] if scratch.get("step") == steps else self._snapshot()
+            if name == incumbent:
+                live = run
+        self.start_name, self.start_evidence = choose_start_by_evidence(
+            {name: untuned_samples[name] for name in names}, {name: trial_samples[name] for name in names
+                                                              if name in trial_samples})
+        self.start_trials = {name: self.start_trials[name] for name in names}
         self.start_evidence["samples"] = {"held_out": len(next(iter(self._start_untuned_samples.values()))),
                                           "not_yet_learned": 0 if unseen is None else len(next(iter(unseen.values())))}
         if unseen is not None:  # the means the choice compared (the report's other losses are held-out only)
-            self.start_evidence["untuned"] = {k: float(v.mean()) for k, v in untuned_samples.items()}
-            self.start_evidence["trials"] = {k: float(v.mean()) for k, v in trial_samples.items()}
-        self._set_start(np.asarray(self.start_candidates[self.start_name], dtype=np.int64))
-        del self.holdout_curve[curve_length:]  # the trials' own evaluations are in start_trials
-        self._losses.clear()
-        self.marginal_cost = None
+            self.start_evidence["untuned"] = {k: float(untuned_samples[k].mean()) for k in names}
+            self.start_evidence["trials"] = {k: float(trial_samples[k].mean()) for k in names if k in trial_samples}
+        chosen = next((run for run in (live, leader) if run is not None and run.name == self.start_name), None)
+        if chosen is not None and chosen is not live:
+            self._restore(chosen.snap)
+        if chosen is None:  # repeat the chosen start's trial as the run's first steps
+            self._restore(original)
+            self.generator.set_state(generator_state)
+            self._set_start(np.asarray(self.start_candidates[self.start_name], dtype=np.int64))
+            self.marginal_cost = None
+            return None
+        self.generator.set_state(chosen.generator_state)
+        self.initial_counts = self.fixed_counts = chosen.untuned["counts"]
+        self.initial_sparsity = [int(k) / n for k, n in zip(self.initial_counts, self.sizes)]
+        self.fixed_masks = chosen.untuned["masks"]
+        self.marginal_cost = chosen.marginal_cost
+        return chosen
+
+    def _untuned_start(self, original: dict) -> dict:
+        """The start just set (_set_start) as the run's first held-out candidate would record it."""
+        return {"counts": self.initial_counts, "masks": self.fixed_masks,
+                "snap": {"params": original["params"], "theta": [layer.theta.detach().clone() for layer in self.layers]},
+                "learned": [float((layer.magnitudes() <= layer.threshold()).float().mean()) for layer in self.layers]}
 
     def _not_learned_in_trials(self, steps: int, generator_state: torch.Tensor
                                ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
@@ -635,16 +717,30 @@ class Learner:
         self.fixed_counts = self.project()
         self.fixed_masks = self._masks_from_counts(self.fixed_counts, protect=not self.protection_relaxed)
 
+    def _new_phase(self, learn_thresholds: bool, reconstruct: bool, lr_scale: float = 1.0) -> _Phase:
+        opt_w, opt_t = self._optimizers(learn_thresholds, reconstruct, lr_scale)
+        optimizers = [o for o in (opt_w, opt_t) if o is not None]
+        return _Phase(optimizers, [[g["lr"] for g in o.param_groups] for o in optimizers],
+                      torch.randperm(self.n_train, generator=self.generator))
+
     def _run_phase(self, iters: int, *, learn_thresholds: bool, reconstruct: bool,
                    eval_every: int, phase: str, start_step: int, best: dict, lr_scale: float = 1.0,
                    freeze_at: int | None = None, step_times: list[float] | None = None,
-                   stop: Callable[[], bool] | None = None, schedule_iters: int | None = None) -> int:
-        """``freeze_at``: the step from which the allocation is fixed (projected once) and only
-        the weights keep learning, with the same optimizer state and learning-rate schedule.
-        ``stop``: asked after each step; True ends the phase there (returns the steps taken)."""
+                   stop: Callable[[], bool] | None = None, schedule_iters: int | None = None,
+                   state: _Phase | None = None) -> int:
+        """Run ``iters`` steps; returns ``start_step`` plus the steps taken (``start_step`` only
+        numbers them for the progress bar; held-out evaluations are labelled with the step on
+        the schedule). ``freeze_at``: the schedule step from which the allocation is fixed
+        (projected once) and only the weights keep learning, with the same optimizer state and
+        learning-rate schedule. ``stop``: asked after each step; True ends the phase there.
+        ``state``: a phase to continue (optimizer moments, batch order, schedule position),
+        updated in place; by default a fresh one."""
         opts = self.options
-        opt_w, opt_t = self._optimizers(learn_thresholds, reconstruct, lr_scale)
-        optimizers = [o for o in (opt_w, opt_t) if o is not None]
+        if state is None:
+            state = self._new_phase(learn_thresholds, reconstruct, lr_scale)
+        else:
+            for p in self.module.parameters():
+                p.requires_grad_(reconstruct)
         # Fresh Adam moves every weight by ~lr on its first steps: ramp up over a fifth of the phase.
         span = schedule_iters or iters
         warmup = max(1, min(span // 5, 50))
@@ -654,24 +750,22 @@ class Learner:
                 return (step + 1) / warmup
             return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, span - warmup)))
 
-        base = [[g["lr"] for g in o.param_groups] for o in optimizers]
         if self.progress is not None:  # the phase starts now (the bar's clock restarts)
             self.progress(start_step, max(self.total_steps, start_step), {
                 "phase": phase, "loss": math.nan, "sparsity": self.problem.n_zeros / self.total,
                 "holdout": best["loss"], "restart": True})
-        order = torch.randperm(self.n_train, generator=self.generator)
-        cursor = 0
-        for step in range(iters):
+        for i in range(iters):
             started = time.perf_counter()
+            step = state.step
             if learn_thresholds and freeze_at is not None and step == freeze_at:
                 self._freeze()
                 learn_thresholds, phase = False, "tune"
-            if cursor + opts.batch_size > self.n_train:
-                order = torch.randperm(self.n_train, generator=self.generator)
-                cursor = 0
-            index = order[cursor:cursor + opts.batch_size].to(self.device)
-            cursor += opts.batch_size
-            for o, lrs in zip(optimizers, base):
+            if state.cursor + opts.batch_size > self.n_train:
+                state.order = torch.randperm(self.n_train, generator=self.generator)
+                state.cursor = 0
+            index = state.order[state.cursor:state.cursor + opts.batch_size].to(self.device)
+            state.cursor += opts.batch_size
+            for o, lrs in zip(state.optimizers, state.base_lrs):
                 for g, lr in zip(o.param_groups, lrs):
                     g["lr"] = lr * lr_factor(step)
             if learn_thresholds and (step % 10 == 0 or reconstruct):
@@ -691,30 +785,31 @@ class Learner:
             if learn_thresholds and not projected:
                 sparsity = self.global_sparsity()
                 loss = rec + opts.lambda_ * (sparsity - self.problem.target).abs()
-            for o in optimizers:
+            for o in state.optimizers:
                 o.zero_grad(set_to_none=True)
             for layer in self.layers:
                 layer.theta.grad = None
             loss.backward()
             if reconstruct and opts.weight_decay:
                 self._decay_kept(learn_thresholds)
-            for o in optimizers:
+            for o in state.optimizers:
                 o.step()
             if projected:
                 sparsity = self._projected_threshold_step(opts.threshold_lr * lr_scale * lr_factor(step))
             elif learn_thresholds:
                 for layer in self.layers:
                     layer.clamp_theta()
+            state.step += 1
             value = float(rec.detach())
             self._losses.append(value)
             if step_times is not None:
                 step_times.append(time.perf_counter() - started)
             if stop is not None and stop():
-                return start_step + step + 1
-            if (step + 1) % eval_every == 0 or step == iters - 1:
-                self._evaluate(start_step + step + 1, learn_thresholds, best)
+                return start_step + i + 1
+            if state.step % eval_every == 0 or i == iters - 1:
+                self._evaluate(state.step, learn_thresholds, best)
             if self.progress is not None:
-                self.progress(start_step + step + 1, max(self.total_steps, start_step + step + 1), {
+                self.progress(start_step + i + 1, max(self.total_steps, start_step + i + 1), {
                     "phase": phase, "loss": value,
                     "sparsity": float(sparsity) if sparsity is not None else self.problem.n_zeros / self.total,
                     "holdout": best["loss"],
@@ -900,6 +995,7 @@ class Learner:
             self.generator.set_state(generator_state)
             self._restore(before_probe)
             self.marginal_cost = None
+            self._losses.clear()  # no learning happened: the loss record starts with the run's steps
             if learn:
                 for layer in self.layers:
                     layer.refresh()
@@ -917,41 +1013,55 @@ class Learner:
             # the start trials come out of the budget; by default at most DEFAULT_ITERS learning steps
             total = fit
             if opts.time_budget is None:
-                cap = DEFAULT_ITERS + trial_steps(DEFAULT_ITERS) * n_starts
+                cap = DEFAULT_ITERS + trial_steps(DEFAULT_ITERS) * max(n_starts - 1, 0)
                 self.limited_by_budget = fit < cap
                 total = min(fit, cap)
             # the learning steps whose start trials (as --iters would size them) fit in the total,
-            # so the report's repeat_iters, passed as --iters, runs the same steps
+            # so the report's repeat_iters, passed as --iters, runs the same steps; the chosen
+            # start's trial is the run's first steps, so the other trials come on top
             iters = max(1, total // 2 if n_starts > 1 else total)  # trials never outnumber the learning steps
-            while iters + 1 + trial_steps(iters + 1) * n_starts <= total:
+            while iters + 1 + trial_steps(iters + 1) * (n_starts - 1) <= total:
                 iters += 1
             trial = trial_steps(iters)
-        else:  # --iters counts the learning steps; the start trials come on top
+        else:  # --iters counts the learning steps; the other candidates' trials come on top
             trial = trial_steps(iters)
-        if trial:
-            self._trial_starts(trial, iters)
-            self.start_trial_steps = trial
-            step = trial * n_starts
-            self.holdout_curve.clear()
-            best = {"loss": math.inf, "step": step, "counts": self.initial_counts, "masks": self.fixed_masks,
-                    "snap": self._snapshot(), "learned": list(self.initial_sparsity)}
-            self._evaluate(step, False, best)  # the chosen start competes too
-            for layer in self.layers:
-                layer.refresh()
         # The last share of the steps tunes the weights to the allocation frozen at that point,
         # in the same run: a fresh optimizer and schedule for a separate final tune undid the best
         # snapshot on PP-OCRv4 rec (held-out KL 0.146 -> 0.56 after 2 steps, 0.17 at the end).
         freeze_at = None
         if learn and opts.reconstruct and opts.final_tune_fraction > 0:
             freeze_at = iters - int(iters * opts.final_tune_fraction)
+        continued, done = None, 0
+        if trial:
+            continued = self._trial_starts(trial, iters, continuable=freeze_at is None or trial <= freeze_at)
+            self.start_trial_steps = trial
+            self.start_trial_continued = continued is not None
+            step = trial * n_starts
+            self.holdout_curve.clear()
+            if continued is None:
+                best = {"loss": math.inf, "step": 0, "counts": self.initial_counts, "masks": self.fixed_masks,
+                        "snap": self._snapshot(), "learned": list(self.initial_sparsity)}
+                self._evaluate(0, False, best)  # the chosen start competes too
+                for layer in self.layers:
+                    layer.refresh()
+            else:  # the start as it was before its trial competes too, then the trial's end
+                untuned = self._start_untuned_samples[self.start_name]  # measured with these masks and weights
+                best = dict(continued.untuned, loss=float(untuned.mean()), per_sample=untuned, step=0)
+                self.holdout_curve.append((0, best["loss"]))
+                self.holdout_curve.extend(continued.curve)
+                if continued.best["loss"] < best["loss"]:
+                    best = continued.best
+                self._losses[:] = continued.losses
+                done = trial
         eval_every = opts.eval_every or max(1, iters // 25)
-        self.total_steps = step + iters
+        self.total_steps = step + iters - done
         self.learning_iters = iters
         t_loop = time.perf_counter()
-        step = self._run_phase(iters, learn_thresholds=learn, reconstruct=opts.reconstruct,
+        step = self._run_phase(iters - done, learn_thresholds=learn, reconstruct=opts.reconstruct,
                                eval_every=eval_every, phase="learn" if learn else "reconstruct",
-                               start_step=step, best=best, freeze_at=freeze_at)
-        loop_steps = iters
+                               start_step=step, best=best, freeze_at=freeze_at, schedule_iters=iters,
+                               state=None if continued is None else continued.phase)
+        loop_steps = iters - done
         self._restore(best["snap"])
         step_time = (time.perf_counter() - t_loop) / max(1, loop_steps)
         if refine:

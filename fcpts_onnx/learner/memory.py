@@ -23,8 +23,10 @@ BACKWARD_FACTOR = 1.5
 # In units of the parameters' fp32 size: weights, gradients, Adam's two moments, the best
 # snapshot, the straight-through masks' temporaries (2), and the exact projection's float64
 # scores, their protected copy and sorted copies (8), and a margin for the allocator (4): on
-# ResNet-18 the peak after the plan varied 1017-1181 MiB between runs at batch 8.
-PARAMETER_COPIES = 20
+# ResNet-18 the peak after the plan varied 1017-1181 MiB between runs at batch 8. Plus the
+# start trial kept for the run to continue (its weights and Adam's two moments, and its
+# candidate's masks as bytes: 4).
+PARAMETER_COPIES = 24
 
 
 @dataclass(frozen=True)

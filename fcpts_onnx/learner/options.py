@@ -56,11 +56,11 @@ class LearnOptions:
         final_tune_fraction: share of iters at the end in which the allocation is frozen (projected
             once) and only the weights keep learning (fcpts with reconstruction).
         start_trial_fraction: share of iters spent choosing the start (fcpts with reconstruction
-            and ``init="best"``), on top of them: from each candidate allocation the run's own
-            first steps are taken, an equal part of it each (at least MIN_TRIAL_STEPS, never more
-            steps in all than iters), then they are thrown away and the start chosen on the
-            samples no trial learned from (see choose_start_by_evidence). 0 ranks the
-            candidates untuned.
+            and ``init="best"``): from each candidate allocation the run's own first steps are
+            taken, an equal part of it each (at least MIN_TRIAL_STEPS, never more steps in all
+            than iters), the start is chosen on the samples no trial learned from (see
+            choose_start_by_evidence), and the run continues the chosen candidate's trial; the
+            others come on top of iters. 0 ranks the candidates untuned.
         max_sparsity_step: the most one allocation step (projected constraint) may move a
             layer's own sparsity, estimated through the bridge's slope; None (default):
             unbounded. 0.01 kept PP-LCNet's held-out loss from jumping at the end of the

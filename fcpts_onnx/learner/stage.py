@@ -136,6 +136,8 @@ def learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, tr
         # which start the trials chose and how sure: untuned_best, trial_best, t (paired t statistic)
         "start_choice": learner.start_evidence,
         "start_trial_steps": learner.start_trial_steps,
+        # the run went on from its chosen start's trial (its first start_trial_steps steps)
+        "start_trial_continued": learner.start_trial_continued,
         # True when the target was too high to keep one weight in every output channel
         "channel_protection_relaxed": bool(learner.protection_relaxed),
         "initial_sparsity": result.initial_sparsity,
