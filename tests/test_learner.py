@@ -446,7 +446,8 @@ def test_start_choice_also_judges_on_the_learning_samples_no_trial_learned_from(
     unseen by every trial as the held-out split, and the choice is judged on both."""
     learner, problem, _, module = make_learner(mlp(), iters=40, batch_size=4)
     learner.choose_start({"erk": allocate("erk", problem), "uniform": allocate("uniform", problem)})
-    unseen, _ = learner._not_learned_in_trials(MIN_TRIAL_STEPS, learner.generator.get_state())
+    rows = learner._not_learned_in_trials(MIN_TRIAL_STEPS, learner.generator.get_state())
+    unseen = learner.train["x"][rows]
     learned_from = []
     run = module.run
 
@@ -460,13 +461,13 @@ def test_start_choice_also_judges_on_the_learning_samples_no_trial_learned_from(
     assert learner.start_trial_steps == MIN_TRIAL_STEPS
     trial_rows = torch.cat(learned_from[:2 * MIN_TRIAL_STEPS])  # the two trials' batches
     assert torch.equal(trial_rows[:40], trial_rows[40:])  # both trials learn from the same samples
-    assert unseen["x"].shape[0] == 80 - MIN_TRIAL_STEPS * 4
-    assert not any(torch.equal(row, seen) for row in unseen["x"] for seen in trial_rows)
+    assert unseen.shape[0] == 80 - MIN_TRIAL_STEPS * 4
+    assert not any(torch.equal(row, seen) for row in unseen for seen in trial_rows)
     assert learner.start_evidence["samples"] == {"held_out": 16, "not_yet_learned": 40}
     # the compared means cover both: untuned and after the trials
     assert set(learner.start_evidence["untuned"]) == set(learner.start_evidence["trials"]) == {"erk", "uniform"}
     # a split the trials cover entirely adds nothing
-    assert learner._not_learned_in_trials(20, learner.generator.get_state()) == (None, None)
+    assert learner._not_learned_in_trials(20, learner.generator.get_state()) is None
 
 
 @pytest.mark.parametrize("build, axis", [("conv_via_transpose", 3), ("matmul_via_transpose", 0),

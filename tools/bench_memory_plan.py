@@ -1,6 +1,6 @@
 """How close the learner's memory plan (--max-memory) comes to the memory a run really takes.
 
-    python tools/bench_memory_plan.py [--workdir /tmp/fcpts-resnet18] [--batches 16,64] [--iters 3]
+    python tools/bench_memory_plan.py [--workdir /tmp/fcpts-resnet18] [--batches 8,16,64] [--iters 12]
 
 ResNet-18 at 224x224 (the model and 256 samples of tools/time_resnet18.py). For each batch
 size, one subprocess runs ``sparsify(..., method="fcpts", iters=N)`` and reports:
@@ -8,7 +8,10 @@ size, one subprocess runs ``sparsify(..., method="fcpts", iters=N)`` and reports
 - the growth of the process's peak RSS (VmHWM) over its RSS when the plan was made (what the
   plan is about: learning), and over its RSS just before the call (the whole run: data
   copies, onnxruntime sessions, model protos too).
-The estimate is meant to be an upper bound that is not wildly loose.
+The estimate is meant to be an upper bound that is not wildly loose. Measure with the start
+trials running (the default 12 steps): with 3 steps there were none, and their memory (one
+trial kept for the run to continue, and, before, the previous trial's optimizer moments and
+a copy of the unseen samples) was never measured; the peak then went past the plan.
 """
 
 from __future__ import annotations
@@ -55,8 +58,9 @@ def measure(model: Path, calib: Path, batch: int, iters: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/fcpts-resnet18"))
-    parser.add_argument("--batches", default="16,64")
-    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--batches", default="8,16,64")
+    parser.add_argument("--iters", type=int, default=12,
+                        help="learning steps; from 8 the start trials run (2 steps for each of 4 candidates)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child: measure this batch
     args = parser.parse_args(argv)
     model, calib = args.workdir / "resnet18.onnx", args.workdir / "calib256.npz"
