@@ -161,7 +161,13 @@ def _learning_line(learning: dict) -> str:
                      "not used: the held-out loss did not fall" if refined["exchanges_kept"] else "nothing gained"))
     if skipped:
         moved += f"; no pair exchanges: {skipped}"
-    return (f"learned: {what}; {learning['steps']} steps in {learning['seconds']:.0f} s "
+    steps = f"{learning['steps']} steps"
+    others = learning["steps"] - (learning.get("repeat_iters") or learning["steps"])
+    if learning.get("start_trial_continued") and others > 0:
+        # the chosen start's trial is the run's first steps; the other candidates' come on top
+        steps += (f" ({learning['repeat_iters']} from {learning['initial_allocation']}, its trial's "
+                  f"{learning['start_trial_steps']} first; {others} in the other trials)")
+    return (f"learned: {what}; {steps} in {learning['seconds']:.0f} s "
             f"({learning['step_time_s']:.2g} s/step, batch {learning['memory']['batch_size']}){moved}")
 
 

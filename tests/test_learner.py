@@ -548,6 +548,8 @@ def test_summary_names_the_start_trials():
                                 "reason": "2 held-out samples cannot tell them apart"}
     assert "global's lead after the trials was not used: 2 held-out samples cannot tell them apart)" in \
         _learning_line(learning)
+    learning |= {"start_trial_continued": True, "repeat_iters": 80}
+    assert "; 100 steps (80 from lamp, its trial's 10 first; 20 in the other trials) in 12 s" in _learning_line(learning)
 
 
 # -- pair exchanges after the gradient steps (fcpts without reconstruction) ---------------------
