@@ -251,6 +251,13 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
             notes.append(f"learning batch {memory['batch_size']} instead of {memory['requested_batch_size']}, "
                          f"to stay within {format_bytes(memory['limit_bytes'])} (about "
                          f"{format_bytes(memory['per_sample_bytes'])} per sample); --max-memory sets the limit")
+        choice = learning.get("batch_choice")
+        if choice and choice["chosen"] < choice["largest"]:
+            timed = ", ".join(f"{t:.2g} s at batch {b}" for b, t in choice["probe_step_s"].items())
+            notes.append(f"learning batch {choice['chosen']} instead of {choice['largest']}: a step took {timed}, "
+                         f"and the larger batch would fit fewer than the default {choice['wanted_steps']} steps "
+                         f"in the time budget; --batch-size fixes the batch "
+                         f"(--iters {learning['repeat_iters']} --batch-size {choice['chosen']} repeats this run)")
         if learning["limited_by_default_budget"]:
             notes.append(f"learning ran {learning['steps']} steps ({learning['step_time_s']:.2g} s each), "
                          f"as many as fit in the default {learning['time_budget_s']:.0f} s; "

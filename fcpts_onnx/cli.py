@@ -16,7 +16,16 @@ from .config import SparsifyOptions
 from .errors import FcptsError, OptionError
 from .images import ImageFolder
 from .inspection import format_inspection, inspect_model
-from .learner.options import CONSTRAINTS, DEFAULT_ITERS, DEFAULT_TIME_BUDGET, INITS, LOSS_KINDS, LearnOptions
+from .learner.options import (
+    CONSTRAINTS,
+    DEFAULT_BATCH,
+    DEFAULT_ITERS,
+    DEFAULT_TIME_BUDGET,
+    INITS,
+    LOSS_KINDS,
+    MIN_AUTO_BATCH,
+    LearnOptions,
+)
 
 
 def _op_types(text: str) -> tuple[str, ...]:
@@ -107,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                        f"as fit in {DEFAULT_TIME_BUDGET:.0f} s if fewer)")
     learn.add_argument("--time-budget", type=float, metavar="SECONDS",
                        help="size the learning stage to take about this long, from a measured step time")
-    learn.add_argument("--batch-size", type=int, default=LearnOptions.batch_size,
-                       help=f"calibration samples per learning step and per onnxruntime run "
-                            f"(default {LearnOptions.batch_size})")
+    learn.add_argument("--batch-size", type=int,
+                       help=f"calibration samples per learning step and per onnxruntime run (default "
+                            f"{DEFAULT_BATCH}; a run sized by time learns on a smaller batch, down to "
+                            f"{MIN_AUTO_BATCH}, where {DEFAULT_BATCH} would fit fewer than {DEFAULT_ITERS} steps)")
     learn.add_argument("--lr", type=float, default=LearnOptions.lr,
                        help=f"learning rate of weights, biases, norms (default {LearnOptions.lr:g})")
     learn.add_argument("--threshold-lr", type=float, default=LearnOptions.threshold_lr,
@@ -193,7 +203,8 @@ def _optimize(args: argparse.Namespace) -> int:
         loss=args.loss, class_axis=args.class_axis, refine=args.refine,
     )
     options = SparsifyOptions(
-        sparsity=args.sparsity, method=args.method, batch_size=args.batch_size, nodes_to_exclude=tuple(args.exclude),
+        sparsity=args.sparsity, method=args.method,
+        batch_size=args.batch_size if args.batch_size is not None else DEFAULT_BATCH, nodes_to_exclude=tuple(args.exclude),
         op_types=args.op_types, max_layer_sparsity=args.max_layer_sparsity,
         external_data=args.external_data, reconstruct=args.reconstruct, holdout=args.holdout,
         device=args.device, learn=learn, store=args.store, max_memory=args.max_memory,

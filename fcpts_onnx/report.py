@@ -168,7 +168,8 @@ def _learning_line(learning: dict) -> str:
         steps += (f" ({learning['repeat_iters']} from {learning['initial_allocation']}, its trial's "
                   f"{learning['start_trial_steps']} first; {others} in the other trials)")
     return (f"learned: {what}; {steps} in {learning['seconds']:.0f} s "
-            f"({learning['step_time_s']:.2g} s/step, batch {learning['memory']['batch_size']}){moved}")
+            f"({learning['step_time_s']:.2g} s/step, batch {learning.get('batch_size') or learning['memory']['batch_size']})"
+            f"{moved}")
 
 
 def format_summary(report: Report) -> str:

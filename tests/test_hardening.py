@@ -211,7 +211,9 @@ def test_max_memory_shrinks_the_learning_batch(tmp_path):
     tight = sparsify(model, tmp_path / "b.onnx", calib, sparsity=0.5, learn=learn, report_path=False,
                      max_memory=limit)
     assert tight.learning["memory"]["batch_size"] == 10
-    assert tight.learning["options"]["batch_size"] == 64  # what was asked, beside what was used
+    assert tight.learning["options"]["batch_size"] is None  # not given: the default, 64, is the largest
+    assert tight.learning["memory"]["requested_batch_size"] == 64  # what was asked, beside what was used
+    assert tight.learning["batch_size"] == 10 and tight.learning["batch_choice"] is None  # --iters: no choice
     assert any("learning batch 10 instead of 64" in note for note in tight.notes)
     assert tight.zero_params == tight.required_zeros
 

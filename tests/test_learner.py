@@ -40,17 +40,17 @@ def mlp(seed: int = 0, hidden: int = 24) -> onnx.ModelProto:
     return model
 
 
-def make_learner(model, target=0.7, seed=0, **opts):
+def make_learner(model, target=0.7, seed=0, n_samples=96, n_train=80, **opts):
     found = discover(model)
     module = OnnxModule(model, prunable=found.weights)
     values = [w.values(model) for w in found.weights]
     problem = AllocationProblem([magnitude(v) for v in values], [w.shape for w in found.weights], target, 0.98)
     initial = allocate("erk", problem)
     rng = np.random.default_rng(123)
-    x = torch.from_numpy(rng.standard_normal((96, 16)).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((n_samples, 16)).astype(np.float32))
     options = LearnOptions(**({"iters": 20, "batch_size": 16, "seed": seed} | opts))
     nodes = model.graph.node
-    learner = Learner(module, found.weights, problem, initial, {"x": x[:80]}, {"x": x[80:]}, options,
+    learner = Learner(module, found.weights, problem, initial, {"x": x[:n_train]}, {"x": x[n_train:]}, options,
                       attrs_of=lambda i: {a.name: a.i for a in nodes[i].attribute})
     return learner, problem, initial, module
 
@@ -913,3 +913,83 @@ def test_per_sample_losses_average_to_the_batch_loss(kind, n, positions, classes
         again = per_sample_losses({"y": moved}, {"y": teacher}, kinds, 4.0, class_axis)
         torch.testing.assert_close(again[1:], shares[1:])
         assert float(again[0]) == pytest.approx(0.0, abs=1e-5)
+
+
+def _fake_probe(monkeypatch, seconds_at):
+    """Learner._probe timed by ``seconds_at(batch)`` instead of the clock; returns the batches probed."""
+    probed: list[int] = []
+
+    def probe(self, best, learn):
+        probed.append(self.options.batch_size)
+        return [seconds_at(self.options.batch_size)] * 3
+
+    monkeypatch.setattr(Learner, "_probe", probe)
+    return probed
+
+
+@pytest.mark.parametrize("seconds_at, chosen, probed", [
+    (lambda b: 1e-4 * b, 64, [16, 64]),  # fast: the default batch fits the default steps
+    (lambda b: 0.03 * b, 32, [16, 32]),  # 64 would fit ~200 of 300 steps in 420 s: not even timed
+    (lambda b: 0.015 * b ** 1.5 / 4, 32, [16, 64, 32]),  # 64 looked as if it fitted, timed slower: 32
+    (lambda b: 0.1 * b, 16, [16]),  # slow: the smallest
+])
+def test_a_run_sized_by_time_learns_on_the_largest_batch_that_fits_the_default_steps(monkeypatch, seconds_at, chosen,
+                                                                                      probed):
+    from fcpts_onnx.learner.options import DEFAULT_BATCH, DEFAULT_ITERS
+
+    timed = _fake_probe(monkeypatch, seconds_at)
+    learner, *_ = make_learner(mlp(), reconstruct=True, learn_thresholds=False, iters=None, batch_size=None)
+    assert learner.options.batch_size == DEFAULT_BATCH and learner.batch_floor == 16
+    learned_on: list[int] = []
+    run = learner.module.run
+
+    def recording(batch):
+        if torch.is_grad_enabled():
+            learned_on.append(next(iter(batch.values())).shape[0])
+        return run(batch)
+
+    learner.module.run = recording
+    result = learner.fit()
+    assert timed == probed
+    assert learner.options.batch_size == chosen and learner.batch_choice["chosen"] == chosen
+    assert learner.batch_choice["wanted_steps"] == DEFAULT_ITERS  # no start trials without thresholds
+    assert sorted(learner.batch_choice["probe_step_s"], key=int) == sorted(str(b) for b in set(probed))
+    assert set(learned_on) == {chosen}  # 80 learning samples: every step a full batch
+    expected_steps = min(DEFAULT_ITERS, int(0.9 * 420 / seconds_at(chosen)))
+    assert abs(result.steps - expected_steps) <= 2  # the clock's few milliseconds aside
+    assert learner.eval_batch == chosen  # held-out losses measured as a run at that batch would
+
+
+def test_a_given_batch_or_iters_is_not_second_guessed(monkeypatch):
+    timed = _fake_probe(monkeypatch, lambda b: 0.1 * b)
+    given, *_ = make_learner(mlp(), reconstruct=True, learn_thresholds=False, iters=None, batch_size=32)
+    given.fit()
+    assert timed == [32] and given.options.batch_size == 32 and given.batch_choice is None
+    fixed_steps, *_ = make_learner(mlp(), reconstruct=True, learn_thresholds=False, iters=5, batch_size=None)
+    fixed_steps.fit()
+    assert timed == [32] and fixed_steps.options.batch_size == 64 and fixed_steps.batch_choice is None
+
+
+@pytest.mark.parametrize("reconstruct", [False, True])
+def test_a_run_that_chose_a_smaller_batch_repeats_with_its_iters_and_batch(monkeypatch, reconstruct):
+    """The report's note says --iters N --batch-size B repeats a run that chose batch B: after
+    the choice the start is chosen and measured again in chunks of B, as such a run does."""
+    _fake_probe(monkeypatch, lambda b: 0.03 * b)  # in 420 s: 196 steps at 64, 393 at 32
+    # 70 held-out samples: one chunk at 64 and a few more, three at 32
+    # "nmse" normalises each evaluation chunk by its own dense energy
+    sized, problem, *_ = make_learner(mlp(), n_samples=150, reconstruct=reconstruct, refine=False, iters=None,
+                                      batch_size=None, loss="nmse")
+    candidates = {name: allocate(name, problem) for name in ("erk", "global", "uniform")}
+    sized.choose_start(candidates)
+    a = sized.fit()
+    assert sized.options.batch_size == 32
+    again, *_ = make_learner(mlp(), n_samples=150, reconstruct=reconstruct, refine=False, iters=sized.learning_iters,
+                             batch_size=sized.options.batch_size, loss="nmse")
+    again.choose_start(candidates)
+    b = again.fit()
+    assert again.start_name == sized.start_name and again.start_trial_steps == sized.start_trial_steps
+    assert a.steps == b.steps and a.best_step == b.best_step
+    assert a.holdout_curve == b.holdout_curve and a.final_holdout_loss == b.final_holdout_loss
+    np.testing.assert_array_equal(a.counts, b.counts)
+    for p, q in zip(sized.module.parameters(), again.module.parameters()):
+        assert torch.equal(p, q)

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="global:off,lamp:off,global:on,fcpts:on")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--iters", type=int, default=60, help="learning steps; 0: the default time budget")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="learning batch; 0: the tool's default (64, smaller where a run sized by time needs it)")
     parser.add_argument("--calib", type=int, default=256)
     parser.add_argument("--test", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             method, recon = run.split(":")
             start = time.perf_counter()
             report = sparsify(model, out, calib, sparsity=args.sparsity, method=method, reconstruct=recon == "on",
-                              learn=LearnOptions(**{"iters": args.iters or None, "batch_size": args.batch_size,
+                              learn=LearnOptions(**{"iters": args.iters or None, "batch_size": args.batch_size or None,
                                                     "seed": args.seed, "init": args.init,
                                                     "threshold_lr": args.threshold_lr,
                                                     "final_tune_fraction": args.final_tune,
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                 "holdout_kl": (report.learning or {}).get("holdout_loss", {}).get("best"),
                 "seconds": round(seconds, 1),
                 "steps": (report.learning or {}).get("steps"),
+                "batch_size": (report.learning or {}).get("batch_size"),
+                "batch_choice": (report.learning or {}).get("batch_choice"),
+                "notes": list(report.notes),
                 "start": (report.learning or {}).get("initial_allocation"),
                 "start_candidates_holdout_loss": (report.learning or {}).get("start_candidates_holdout_loss"),
                 "start_trials_holdout_loss": (report.learning or {}).get("start_trials_holdout_loss"),

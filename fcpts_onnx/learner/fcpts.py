@@ -18,7 +18,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from ..allocation.problem import AllocationProblem, smallest_scores
 from ..discovery import FUSED_OP_TYPES, RECURRENT_OP_TYPES, PrunableWeight, matmul_output_axis
 from .bridge import kde_index, layer_sparsity, silverman_bandwidth
 from .loss import channel_energies, distillation_loss, output_loss_kinds, per_sample_losses
-from .options import DEFAULT_ITERS, DEFAULT_TIME_BUDGET, REFINE_SHARE, LearnOptions
+from .options import DEFAULT_BATCH, DEFAULT_ITERS, DEFAULT_TIME_BUDGET, MIN_AUTO_BATCH, REFINE_SHARE, LearnOptions
 
 # Pair exchanges (Learner._refine): the first step moves this share of the smaller layer's
 # weights; a sweep that keeps nothing halves it, down to REFINE_MIN_STEP.
@@ -256,16 +256,27 @@ class Learner:
         options: LearnOptions.
         attrs_of: node index -> that node's attributes (to find output-channel axes).
         progress: called as progress(step, total, info_dict) after each step.
+        auto_batch: ``options.batch_size`` is the largest batch allowed, not a choice: a run
+            sized by time may learn on a smaller one, down to MIN_AUTO_BATCH (see
+            ``_choose_batch``). Implied when ``options.batch_size`` is None (DEFAULT_BATCH).
     """
 
     def __init__(self, module, weights: Sequence[PrunableWeight], problem: AllocationProblem,
                  initial_counts: np.ndarray, train: Mapping[str, torch.Tensor],
                  holdout: Mapping[str, torch.Tensor], options: LearnOptions, *,
-                 attrs_of: Callable[[int], dict], progress: Callable | None = None):
+                 attrs_of: Callable[[int], dict], progress: Callable | None = None, auto_batch: bool = False):
         self.created = time.perf_counter()  # the time budget covers the teacher pass and the start choice
         self.module = module
         self.problem = problem
+        if options.batch_size is None:
+            options, auto_batch = replace(options, batch_size=DEFAULT_BATCH), True
         self.options = options
+        # the smallest learning batch a run sized by time may take (None: options.batch_size only)
+        self.batch_floor = MIN_AUTO_BATCH if auto_batch and MIN_AUTO_BATCH < options.batch_size else None
+        self.batch_choice: dict | None = None  # how _choose_batch chose, for the report
+        # Evaluations run in chunks of the batch the run was created with, whatever the learning
+        # batch becomes: "nmse" normalises per chunk, so the held-out losses stay comparable.
+        self.eval_batch = options.batch_size
         self.train = dict(train)
         self.holdout = dict(holdout)
         self.progress = progress
@@ -491,8 +502,8 @@ class Learner:
         self.module.weight_transforms.clear()
         outputs: dict[str, list[torch.Tensor]] = {}
         n = next(iter(data.values())).shape[0]
-        for start in range(0, n, self.options.batch_size):
-            batch = {k: v[start:start + self.options.batch_size] for k, v in data.items()}
+        for start in range(0, n, self.eval_batch):
+            batch = {k: v[start:start + self.eval_batch] for k, v in data.items()}
             for name, value in self.module.run(batch).items():
                 outputs.setdefault(name, []).append(value.detach())
         return {k: torch.cat(v) for k, v in outputs.items()}
@@ -580,12 +591,12 @@ class Learner:
         n = next(iter(data.values())).shape[0] if rows is None else len(rows)
         parts = []
         with torch.no_grad():
-            for start in range(0, n, self.options.batch_size):
+            for start in range(0, n, self.eval_batch):
                 if rows is None:
-                    batch = {k: v[start:start + self.options.batch_size] for k, v in data.items()}
-                    teacher = {k: v[start:start + self.options.batch_size] for k, v in teacher_outputs.items()}
+                    batch = {k: v[start:start + self.eval_batch] for k, v in data.items()}
+                    teacher = {k: v[start:start + self.eval_batch] for k, v in teacher_outputs.items()}
                 else:
-                    index = rows[start:start + self.options.batch_size]
+                    index = rows[start:start + self.eval_batch]
                     batch = {k: v[index] for k, v in data.items()}
                     teacher = {k: v[index] for k, v in teacher_outputs.items()}
                 out = self.module.run(batch)
@@ -932,6 +943,73 @@ class Learner:
         if accepted:
             best.update(loss=holdout, counts=counts, masks=masks)
 
+    def _evaluate_start(self) -> tuple[dict, float]:
+        """A fresh best-so-far record at the start (its held-out loss not yet measured) and the
+        dense model's held-out loss; the held-out curve starts again."""
+        self.holdout_curve = []
+        best = {"loss": math.inf, "step": 0, "counts": self.initial_counts, "masks": self.fixed_masks,
+                "snap": self._snapshot(), "learned": list(self.initial_sparsity)}
+        dense = self._holdout_loss({layer.key: torch.ones_like(layer.weight, dtype=torch.bool)
+                                    for layer in self.layers})
+        return best, dense
+
+    def _probe(self, best: dict, learn: bool) -> list[float]:
+        """Time a few steps at the current batch, at learning rate 0 (they change nothing);
+        returns each step's seconds."""
+        self.total_steps = PROBE_MAX_STEPS
+        times: list[float] = []
+        # The probe leaves the batch order and the thresholds alone: at learning rate 0 the
+        # weights stay, but each allocation step still shifts the thresholds back to the
+        # target as the KDE counts it, and a run that started there differed from the same
+        # run after the start trials (MNIST at 80%: test KL 0.00089 against 0.00107).
+        generator_state, before_probe = self.generator.get_state(), self._snapshot()
+        self._run_phase(PROBE_MAX_STEPS, learn_thresholds=learn, reconstruct=self.options.reconstruct, lr_scale=0.0,
+                        eval_every=10**9, phase="timing", start_step=0, best=best, step_times=times,
+                        stop=lambda: probe_settled(times))
+        self.generator.set_state(generator_state)
+        self._restore(before_probe)
+        self.marginal_cost = None
+        self._losses.clear()  # no learning happened: the loss record starts with the run's steps
+        if learn:
+            for layer in self.layers:
+                layer.refresh()
+        return times
+
+    def _choose_batch(self, best: dict, learn: bool, wanted: int, steps_that_fit: Callable[[float], int]) -> list[float]:
+        """The learning batch of a run sized by time when --batch-size was not given: the
+        largest of options.batch_size, its half, quarter, ... (not below batch_floor) at which
+        ``wanted`` steps fit, else the smallest. Returns the probe's step times at that batch.
+
+        On a CPU the time of a step grows with its batch, and in a few hundred seconds a run
+        is short of steps long before it is short of samples per step: PP-OCRv4 rec at 50%
+        fitted 7 steps at batch 64 (20-24 s each) and ended at held-out KL 1.28, where 60 steps
+        at batch 16 (2.8-4.3 s each) reach 0.10. The smallest batch is timed first; a larger one
+        is timed only where the smallest's time per sample says it could fit (tiny models,
+        whose steps are mostly overhead, are far from that boundary).
+        """
+        largest = self.options.batch_size
+        sizes = sorted({max(self.batch_floor, largest >> k) for k in range(largest.bit_length())}, reverse=True)
+        smallest = sizes[-1]
+        self._set_batch(smallest)
+        chosen, chosen_times = smallest, self._probe(best, learn)
+        probed = {smallest: float(np.min(chosen_times[-3:]))}
+        for size in sizes[:-1]:
+            if steps_that_fit(probed[smallest] * size / smallest) < wanted:
+                continue
+            self._set_batch(size)
+            times = self._probe(best, learn)
+            probed[size] = float(np.min(times[-3:]))
+            if steps_that_fit(probed[size]) >= wanted:
+                chosen, chosen_times = size, times
+                break
+        self._set_batch(chosen)
+        self.batch_choice = {"largest": largest, "chosen": chosen, "wanted_steps": wanted,
+                             "probe_step_s": {str(b): round(t, 4) for b, t in sorted(probed.items())}}
+        return chosen_times
+
+    def _set_batch(self, size: int) -> None:
+        self.options = replace(self.options, batch_size=size)
+
     def plan_iters(self) -> int:
         """Steps to run: --iters; else as many as the time budget allows at the measured step
         time (-1: decided after timing the first steps), at most DEFAULT_ITERS by default."""
@@ -943,11 +1021,7 @@ class Learner:
         opts = self.options
         started = time.perf_counter()
         self._losses: list[float] = []
-        self.holdout_curve: list[tuple[int, float]] = []
-        best = {"loss": math.inf, "step": 0, "counts": self.initial_counts, "masks": self.fixed_masks,
-                "snap": self._snapshot(), "learned": list(self.initial_sparsity)}
-        dense_holdout = self._holdout_loss({layer.key: torch.ones_like(layer.weight, dtype=torch.bool)
-                                            for layer in self.layers})
+        best, dense_holdout = self._evaluate_start()
         # the starting point competes too: learning must beat it on held-out data to be kept
         t0 = time.perf_counter()
         self._evaluate(0, False, best)
@@ -990,40 +1064,44 @@ class Learner:
 
         if iters < 0:  # time a few steps (learning rate 0: they change nothing), then size the run
             self.budget_s = opts.time_budget if opts.time_budget is not None else DEFAULT_TIME_BUDGET
-            self.total_steps = PROBE_MAX_STEPS
-            times: list[float] = []
-            # The probe leaves the batch order and the thresholds alone: at learning rate 0 the
-            # weights stay, but each allocation step still shifts the thresholds back to the
-            # target as the KDE counts it, and a run that started there differed from the same
-            # run after the start trials (MNIST at 80%: test KL 0.00089 against 0.00107).
-            generator_state, before_probe = self.generator.get_state(), self._snapshot()
-            self._run_phase(PROBE_MAX_STEPS, learn_thresholds=learn, reconstruct=opts.reconstruct, lr_scale=0.0,
-                            eval_every=10**9, phase="timing", start_step=0, best=best, step_times=times,
-                            stop=lambda: probe_settled(times))
-            self.generator.set_state(generator_state)
-            self._restore(before_probe)
-            self.marginal_cost = None
-            self._losses.clear()  # no learning happened: the loss record starts with the run's steps
-            if learn:
-                for layer in self.layers:
-                    layer.refresh()
+            # the default schedule: DEFAULT_ITERS learning steps and the other start trials
+            wanted = DEFAULT_ITERS + trial_steps(DEFAULT_ITERS) * max(n_starts - 1, 0)
+
+            def steps_that_fit(step_time: float) -> int:
+                remaining = self.budget_s - (time.perf_counter() - self.created)
+                if refine:  # the pair exchanges at the end get their share
+                    remaining *= 1 - REFINE_SHARE
+                # about 25 held-out evaluations, and a 10% margin
+                return max(5, int(0.9 * (remaining - 25 * eval_time) / step_time))
+
+            if self.batch_floor is not None:
+                times = self._choose_batch(best, learn, wanted, steps_that_fit)
+            else:
+                times = self._probe(best, learn)
+            if self.options.batch_size != self.eval_batch:
+                # Evaluate in chunks of the new batch from here on, as a run given that batch
+                # does: a batch's forward pass need not be bitwise the same in other chunks, and
+                # "nmse" normalises per chunk. So the start is chosen and measured again, and the
+                # report's --iters and --batch-size repeat this run exactly.
+                self.eval_batch = self.options.batch_size
+                if self.start_candidates:
+                    self.choose_start(self.start_candidates)
+                best, dense_holdout = self._evaluate_start()
+                self._evaluate(0, False, best)
+                if learn:
+                    for layer in self.layers:
+                        layer.refresh()
             self.probe_step_times = [round(t, 4) for t in times]
             # The fastest of the last three: warm-up and stalls (another process) only ever slow a
             # step down. A default MNIST run on a loaded machine once planned 167 steps instead of
             # 360 from the mean over the probe; PP-LCNet's probe ended 3.4, 2.6, 3.8 s against a
             # median of 1.8 s over the run's own steps.
-            step_time = float(np.min(times[-3:]))
-            remaining = self.budget_s - (time.perf_counter() - self.created)
-            if refine:  # the pair exchanges at the end get their share
-                remaining *= 1 - REFINE_SHARE
-            # about 25 held-out evaluations, and a 10% margin
-            fit = max(5, int(0.9 * (remaining - 25 * eval_time) / step_time))
-            # the start trials come out of the budget; by default at most DEFAULT_ITERS learning steps
+            fit = steps_that_fit(float(np.min(times[-3:])))
+            # the start trials come out of the budget; by default at most the default schedule
             total = fit
             if opts.time_budget is None:
-                cap = DEFAULT_ITERS + trial_steps(DEFAULT_ITERS) * max(n_starts - 1, 0)
-                self.limited_by_budget = fit < cap
-                total = min(fit, cap)
+                self.limited_by_budget = fit < wanted
+                total = min(fit, wanted)
             # the learning steps whose start trials (as --iters would size them) fit in the total,
             # so the report's repeat_iters, passed as --iters, runs the same steps; the chosen
             # start's trial is the run's first steps, so the other trials come on top

@@ -17,7 +17,7 @@ from ..trainable import build_trainable, parameter_table
 from ..writeback import cast_keeping_nonzeros
 from .fcpts import Learner
 from .memory import plan_batch
-from .options import LearnOptions
+from .options import DEFAULT_BATCH, LearnOptions
 
 
 @dataclass
@@ -79,13 +79,16 @@ def learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, tr
     fixed_batch = static_batch(loaded.model)
     run_options = asdict(options) | {"learn_thresholds": learned, "reconstruct": reconstruct}
     train_tensors = to_device(train)
-    memory = plan_batch(module, train_tensors, options.batch_size, memory_limit, fixed_batch=fixed_batch)
+    requested = options.batch_size if options.batch_size is not None else DEFAULT_BATCH
+    memory = plan_batch(module, train_tensors, requested, memory_limit, fixed_batch=fixed_batch)
     run_options["batch_size"] = memory.batch_size
+    # without --batch-size a run sized by time may learn on a smaller batch (Learner._choose_batch)
+    auto_batch = options.batch_size is None and not memory.graph_fixed
     update, close = _progress_bar(quiet)
     try:
         learner = Learner(module, found.weights, problem, initial, train_tensors,
                           to_device(calibration.take(holdout_idx)), LearnOptions(**run_options),
-                          attrs_of=attrs_of, progress=update)
+                          attrs_of=attrs_of, progress=update, auto_batch=auto_batch)
         start_losses = learner.choose_start(candidates) if len(candidates) > 1 else {}
         result = learner.fit()
     finally:
@@ -120,6 +123,10 @@ def learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, tr
         # --iters that repeats this run (the steps after the start trials; CPU, same seed)
         "repeat_iters": learner.learning_iters,
         "memory": memory.to_dict(),
+        # the batch the steps learned on: the memory plan's, or smaller in a run sized by time
+        # without --batch-size (batch_choice: the step times that chose it)
+        "batch_size": learner.options.batch_size,
+        "batch_choice": learner.batch_choice,
         # seconds the run was sized to (None with --iters); True when the default budget cut
         # the default number of steps short
         "time_budget_s": learner.budget_s,
