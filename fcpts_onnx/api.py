@@ -30,7 +30,7 @@ from .calibration import (
 from .config import LEARNED_METHODS, SparsifyOptions
 from .discovery import Discovery, assign_macs, discover
 from .errors import OptionError, UnsupportedModelError, VerificationError
-from .learner.options import LearnOptions
+from .learner.options import DEFAULT_ITERS, LearnOptions
 from .masks import magnitude, zero_smallest
 from .onnx_io import LoadedModel, check_output_path, check_report_path, load_model, sha256_of, staged_output
 from .report import LayerRow, Report
@@ -255,7 +255,8 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
         if choice and choice["chosen"] < choice["largest"]:
             timed = ", ".join(f"{t:.2g} s at batch {b}" for b, t in choice["probe_step_s"].items())
             notes.append(f"learning batch {choice['chosen']} instead of {choice['largest']}: a step took {timed}, "
-                         f"and the larger batch would fit fewer than the default {choice['wanted_steps']} steps "
+                         f"and a larger batch would fit fewer than the default schedule's {choice['wanted_steps']} "
+                         f"steps{' (start trials included)' if choice['wanted_steps'] != DEFAULT_ITERS else ''} "
                          f"in the time budget; --batch-size fixes the batch "
                          f"(--iters {learning['repeat_iters']} --batch-size {choice['chosen']} repeats this run)")
         if learning["limited_by_default_budget"]:

@@ -23,6 +23,7 @@ from fcpts_onnx import onnx_io
 from fcpts_onnx.api import sparsify
 from fcpts_onnx.errors import OptionError
 from fcpts_onnx.learner.options import LearnOptions
+from fcpts_onnx.report import format_summary
 from fcpts_onnx.resources import format_bytes, parse_memory
 
 
@@ -435,3 +436,22 @@ def test_name_that_is_not_utf8_refused(tmp_path, capfd):
     model.write_bytes(mutant("mixed", "flip_bytes", 42))
     (tmp_path / "out").mkdir()
     assert_refused(["optimize", model, "-o", tmp_path / "out" / "m.onnx"], capfd, tmp_path, "not valid UTF-8")
+
+
+def test_a_run_sized_by_time_says_which_batch_it_took_and_how_to_repeat_it(tmp_path, monkeypatch):
+    from fcpts_onnx.learner.fcpts import Learner
+
+    # steps timed at 0.1 s a sample: 64 would fit about 59 of the default steps in 420 s, 16 about 236
+    monkeypatch.setattr(Learner, "_probe", lambda self, best, learn: [0.1 * self.options.batch_size] * 3)
+    model = mnist_like_model(tmp_path)
+    calib = {"x": np.random.default_rng(0).standard_normal((96, 1, 28, 28)).astype(np.float32)}
+    report = sparsify(model, tmp_path / "a.onnx", calib, sparsity=0.5, method="global", reconstruct=True,
+                      report_path=False)
+    learning = report.learning
+    assert learning["batch_size"] == 16 and learning["memory"]["batch_size"] == 64
+    assert learning["batch_choice"] == {"largest": 64, "chosen": 16, "wanted_steps": 300, "probe_step_s": {"16": 1.6}}
+    note = next(n for n in report.notes if n.startswith("learning batch 16 instead of 64"))
+    assert "1.6 s at batch 16" in note and "default schedule's 300 steps in the time budget" in note
+    assert f"--iters {learning['repeat_iters']} --batch-size 16 repeats this run" in note
+    assert 200 < learning["steps"] <= 240 and learning["limited_by_default_budget"]
+    assert "batch 16)" in format_summary(report)  # the learning line names the batch it learned on
