@@ -993,3 +993,16 @@ def test_a_run_that_chose_a_smaller_batch_repeats_with_its_iters_and_batch(monke
     np.testing.assert_array_equal(a.counts, b.counts)
     for p, q in zip(sized.module.parameters(), again.module.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_learning_split_no_larger_than_the_smallest_batch_leaves_nothing_to_choose(monkeypatch):
+    timed = _fake_probe(monkeypatch, lambda b: 0.1 * b)
+    learner, *_ = make_learner(mlp(), n_samples=30, n_train=16, reconstruct=True, learn_thresholds=False, iters=None,
+                               batch_size=None)
+    assert learner.batch_floor is None
+    learner.fit()
+    assert timed == [64] and learner.batch_choice is None and learner.options.batch_size == 64
+    # 17 samples: 16 is a real choice again
+    learner, *_ = make_learner(mlp(), n_samples=30, n_train=17, reconstruct=True, learn_thresholds=False, iters=None,
+                               batch_size=None)
+    assert learner.batch_floor == 16

@@ -271,8 +271,11 @@ class Learner:
         if options.batch_size is None:
             options, auto_batch = replace(options, batch_size=DEFAULT_BATCH), True
         self.options = options
-        # the smallest learning batch a run sized by time may take (None: options.batch_size only)
-        self.batch_floor = MIN_AUTO_BATCH if auto_batch and MIN_AUTO_BATCH < options.batch_size else None
+        # the smallest learning batch a run sized by time may take (None: options.batch_size only;
+        # so too where the learning split is no larger than that: every batch is all of it)
+        n_train = next(iter(train.values())).shape[0]
+        self.batch_floor = (MIN_AUTO_BATCH if auto_batch and MIN_AUTO_BATCH < min(options.batch_size, n_train)
+                            else None)
         self.batch_choice: dict | None = None  # how _choose_batch chose, for the report
         # Evaluations run in chunks of the batch the run was created with, whatever the learning
         # batch becomes: "nmse" normalises per chunk, so the held-out losses stay comparable.
@@ -994,7 +997,8 @@ class Learner:
         chosen, chosen_times = smallest, self._probe(best, learn)
         probed = {smallest: float(np.min(chosen_times[-3:]))}
         for size in sizes[:-1]:
-            if steps_that_fit(probed[smallest] * size / smallest) < wanted:
+            # a batch takes at most the whole learning split
+            if steps_that_fit(probed[smallest] * min(size, self.n_train) / smallest) < wanted:
                 continue
             self._set_batch(size)
             times = self._probe(best, learn)
