@@ -169,6 +169,10 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
         what = f"--method {method}" if method in LEARNED_METHODS else "--reconstruct"
         raise OptionError(f"{what} learns from calibration data: pass --calib FILE "
                           "(or --calib random for a smoke test only)")
+    if needs_data:  # --device cuda without a GPU is refused before any work
+        from .trainable import resolve_device
+
+        resolve_device(options.device)
     with timer.stage("load"):
         loaded = load_model(model_input)
         input_sha = sha256_of(loaded.path)
@@ -180,13 +184,14 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
         report_path = default_report_path(output_path)
     if report_path is not False:
         check_report_path(Path(report_path), output_path, loaded)
-    memory_limit = options.max_memory or default_memory_limit(options.device)
+    # onnxruntime runs on the host; learning runs on --device (the GPU's free memory for cuda)
+    host_limit = options.max_memory or default_memory_limit("cpu")
     with timer.stage("check_shapes"):  # absurd declared shapes are refused before anything is allocated
         conflict = batch_axis_conflict(graph_inputs(loaded.model))
         if conflict:
             raise UnsupportedModelError(f"{loaded.path}: {conflict}")
         fixed = static_batch(loaded.model)
-        check_declared_shapes(loaded.model, fixed or options.batch_size, memory_limit, loaded.path,
+        check_declared_shapes(loaded.model, fixed or options.batch_size, host_limit, loaded.path,
                               batch_fixed=bool(fixed))
     with timer.stage("discover"):
         found = discover_or_refuse(loaded, options)
@@ -239,6 +244,7 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
         with timer.stage("learn"):
             from .learner.stage import learn
 
+            memory_limit = options.max_memory or default_memory_limit(options.device)
             stage = learn(loaded, found, calibration, train_idx, holdout_idx, problem, method, reconstruct,
                           options.learn, options.device, quiet, memory_limit)
         counts, updates, learning = stage.counts, stage.updates, stage.report

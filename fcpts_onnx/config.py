@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 
 from .errors import OptionError
@@ -80,6 +81,8 @@ class SparsifyOptions:
             object.__setattr__(self, "max_memory", parse_memory(self.max_memory))
         if self.store not in STORE_FORMS:
             raise OptionError(f"--store must be one of {', '.join(STORE_FORMS)} (got {self.store!r})")
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device):
+            raise OptionError(f"--device must be cpu, cuda or cuda:N (got {self.device!r})")
         if not isinstance(self.holdout, (int, float)) or not 0 < self.holdout < 1:
             raise OptionError(f"--holdout must be a fraction in (0, 1) (got {self.holdout!r}); default 0.1")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +35,51 @@ def resolve_device(device: str) -> str:
     return device
 
 
+@contextmanager
+def full_float32() -> Iterator[None]:
+    """Float32 matmuls and convolutions at full precision inside, the caller's settings after.
+
+    On a GPU with tensor cores torch may compute float32 convolutions (cuDNN's default) and,
+    where the caller allowed it, matmuls in TF32, which keeps 10 mantissa bits: about 1e-3
+    relative error, ten times the parity tolerance, and not what onnxruntime's float32
+    kernels compute. The parity check and the learner both run inside this.
+    """
+    import torch
+
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision"):  # torch >= 2.9; mixing in allow_tf32 is refused there
+        targets = [b.cuda.matmul, b.cudnn.conv, b.cudnn.rnn]
+        saved = [t.fp32_precision for t in targets]
+        try:
+            for t in targets:
+                t.fp32_precision = "ieee"
+            yield
+        finally:
+            for t, value in zip(targets, saved):
+                t.fp32_precision = value
+    else:
+        saved = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32)
+        try:
+            b.cuda.matmul.allow_tf32 = b.cudnn.allow_tf32 = False
+            yield
+        finally:
+            b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = saved
+
+
+@contextmanager
+def deterministic_cudnn() -> Iterator[None]:
+    """cuDNN picks deterministic convolution algorithms inside (a seed repeats a run on a GPU
+    as on the CPU); the caller's setting after. No effect on the CPU."""
+    import torch
+
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
 def convert_and_check(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, *,
                       device: str = "cpu", parity_samples: int = PARITY_SAMPLES) -> Trainable:
     """Convert, move to ``device``, and check parity on a calibration batch (not raising on failure)."""
@@ -51,8 +98,9 @@ def convert_and_check(loaded: LoadedModel, found: Discovery, calibration: Calibr
     # a graph exported with a fixed batch runs only at that batch
     batch = calibration.take(slice(0, static_batch(loaded.model) or parity_samples)).arrays
     try:
-        parity = check_parity(loaded.model, module, {k: np.ascontiguousarray(v) for k, v in batch.items()},
-                              device=device)
+        with full_float32():
+            parity = check_parity(loaded.model, module, {k: np.ascontiguousarray(v) for k, v in batch.items()},
+                                  device=device)
     except NodeExecutionError as exc:
         raise UnsupportedModelError(
             f"the trainable form cannot run this model: {exc}; use a data-free method without "

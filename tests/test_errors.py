@@ -18,6 +18,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fcpts_onnx.cli import main
 
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 PRUNABLE = 4 * 3 * 3 * 3 + 64 * 5  # weights of the conftest model
 
@@ -225,6 +232,20 @@ def test_max_layer_sparsity_out_of_range(tiny_model, out_dir, capfd, tmp_path, v
 
 def test_batch_size_zero(tiny_model, out_dir, capfd, tmp_path):
     assert_refused(optimize(tiny_model, out_dir, "--batch-size", "0"), capfd, tmp_path, "--batch-size")
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda0", "CUDA", "cpu:0", ""])
+def test_device_not_understood(tiny_model, out_dir, capfd, tmp_path, device):
+    assert_refused(optimize(tiny_model, out_dir, "--method", "lamp", "--no-reconstruct", "--device", device),
+                   capfd, tmp_path, "--device must be cpu, cuda or cuda:N")
+
+
+@pytest.mark.skipif(torch_cuda_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_a_gpu_is_refused_before_any_work(tiny_model, out_dir, capfd, tmp_path, device):
+    # was an internal error: the GPU's free memory was read before the device was checked
+    assert_refused(optimize(tiny_model, out_dir, "--calib", "random", "--device", device), capfd, tmp_path,
+                   "--device cuda asked for, but torch sees no CUDA device; use --device cpu")
 
 
 def test_unknown_method(tiny_model, out_dir, capfd, tmp_path):

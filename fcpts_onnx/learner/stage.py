@@ -13,7 +13,7 @@ from ..allocation import AllocationProblem, allocate
 from ..calibration import CalibrationSet, static_batch
 from ..discovery import Discovery
 from ..onnx_io import LoadedModel
-from ..trainable import build_trainable, parameter_table
+from ..trainable import build_trainable, deterministic_cudnn, full_float32, parameter_table
 from ..writeback import cast_keeping_nonzeros
 from .fcpts import Learner
 from .memory import plan_batch
@@ -56,6 +56,15 @@ def learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, tr
           holdout_idx: np.ndarray, problem: AllocationProblem, method: str, reconstruct: bool,
           options: LearnOptions, device: str, quiet: bool, memory_limit: int) -> StageResult:
     """Masks (exact counts) and tuned values for ``method``, learned on the training split."""
+    # learn on the arithmetic the parity check cleared (no TF32 on a GPU), repeatably for a seed
+    with full_float32(), deterministic_cudnn():
+        return _learn(loaded, found, calibration, train_idx, holdout_idx, problem, method, reconstruct,
+                      options, device, quiet, memory_limit)
+
+
+def _learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, train_idx: np.ndarray,
+           holdout_idx: np.ndarray, problem: AllocationProblem, method: str, reconstruct: bool,
+           options: LearnOptions, device: str, quiet: bool, memory_limit: int) -> StageResult:
     train = calibration.take(train_idx)
     trainable = build_trainable(loaded, found, train, device=device)
     module = trainable.module
