@@ -14,7 +14,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
+from hypothesis import currently_in_test_context, reject
 from onnx import helper, numpy_helper
 
 from fcpts_onnx.torchform import OnnxModule
@@ -39,8 +41,32 @@ def single_node_model(node: onnx.NodeProto, inputs: Mapping[str, np.ndarray], *,
     return model
 
 
+ORT_VERSION = tuple(int(part) for part in ort.__version__.split(".")[:2])
+
+
+def ort_accepts(model: onnx.ModelProto) -> bool:
+    """Whether the installed onnxruntime builds a session for ``model`` (features newer than
+    it, such as an opset's new attribute, are then left out of the tests, not failed)."""
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # onnxruntime's own error types differ between versions
+        return False
+    return True
+
+
 def run_both(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]):
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        # Where the installed onnxruntime has no oracle (1.30: opset 28 "under development", no
+        # Where kernel for int8, no BitShift for uint16; 1.32 runs them all), the case is left
+        # out: another draw of a property test, else the test skipped and named. Not failed.
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        if "is under development" in str(exc) or "NOT_IMPLEMENTED" in str(exc):
+            if currently_in_test_context():
+                reject()
+            pytest.skip(f"onnxruntime {ort.__version__} does not run this at opset {opset}: {str(exc)[:120]}")
+        raise
     names = [o.name for o in session.get_outputs()]
     reference = dict(zip(names, session.run(names, dict(inputs))))
     module = OnnxModule(model)

@@ -6,14 +6,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
 from fcpts_onnx.discovery import discover
 from fcpts_onnx.torchform import OnnxModule
 
-from .harness import check_node, single_node_model
+from .harness import ORT_VERSION, check_node, single_node_model
 from .test_ops_nn import assert_refused
 
 ort.set_default_logger_severity(3)
@@ -212,6 +212,9 @@ def _mask(kind: str, rng, batch: int, seq: int) -> np.ndarray | None:
        v_size=st.sampled_from([None, 4]), with_bias=st.booleans(), attention_bias=st.booleans(),
        scale=st.sampled_from([None, 0.3]))
 def test_contrib_attention(seed, batch, seq, heads, mask, causal, v_size, with_bias, attention_bias, scale):
+    # onnxruntime 1.30.0 (an H200 machine's image) crashes the process on this node without a
+    # bias input; 1.32.0 runs it
+    assume(with_bias or ORT_VERSION >= (1, 32))
     rng = np.random.default_rng(seed)
     hidden, d_in = 8, 6
     sizes = [hidden, hidden, v_size * heads if v_size else hidden]

@@ -13,7 +13,7 @@ from onnx import helper
 
 from fcpts_onnx.torchform import OnnxModule
 
-from .harness import assert_close, check_node, run_both, single_node_model
+from .harness import ORT_VERSION, assert_close, check_node, run_both, single_node_model
 
 SETTINGS = settings(max_examples=25, deadline=None)
 seeds = st.integers(0, 2**31 - 1)
@@ -121,6 +121,7 @@ def test_reduce_over_empty_dimension(op, keepdims):
     np.testing.assert_array_equal(ours["y"], reference["y"])  # equal infinities compare equal here
 
 
+@pytest.mark.skipif(ORT_VERSION < (1, 32), reason="onnxruntime 1.30 keeps the reduced empty axis (2, 0)")
 def test_reduce_max_of_empty_integers():
     x = np.zeros((2, 0), np.int32)
     check_node(node("ReduceMax", ["x"], axes=[1]), {"x": x}, opset=13)
