@@ -1010,3 +1010,21 @@ def test_a_learning_split_no_larger_than_the_smallest_batch_leaves_nothing_to_ch
     learner, *_ = make_learner(mlp(), n_samples=30, n_train=17, reconstruct=True, learn_thresholds=False, iters=None,
                                batch_size=None)
     assert learner.batch_floor == 16
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.sampled_from([0.0, 1e-8, 0.25, 0.5, 0.5, 1.0, 3.0]) | st.floats(0, 10, width=32),
+                       min_size=1, max_size=300), data=st.data())
+def test_kth_smallest_by_sort_equals_the_selection(values, data):
+    """The GPU's path (sort) and the CPU's (kthvalue) give the same k-th smallest, ties included,
+    and both the value numpy's partition gives; keep_mask drops exactly k, the smallest."""
+    from fcpts_onnx.learner.fcpts import keep_mask, kth_smallest
+
+    t = torch.tensor(values, dtype=torch.float32)
+    k = data.draw(st.integers(1, t.numel()))
+    expected = np.partition(np.array(values, np.float32), k - 1)[k - 1]
+    assert float(kth_smallest(t, k, by_sort=True)) == float(kth_smallest(t, k, by_sort=False)) == expected
+    keep = keep_mask(t, k)
+    assert int((~keep).sum()) == k
+    if k < t.numel():
+        assert float(t[~keep].max()) <= float(t[keep].min())
