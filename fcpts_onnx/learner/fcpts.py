@@ -680,7 +680,9 @@ class Learner:
         needed at the final projection. Thresholds stay within their bounds.
         """
         target = self.problem.target
-        samples = [layer.kde_sample() for layer in self.layers]
+        # on the host: 40 bisection steps count every layer, and on a GPU each count would wait
+        # for the device (a few thousand weights a layer; on the CPU this copies nothing)
+        samples = [layer.kde_sample().cpu() for layer in self.layers]
         sizes = [float(layer.weight.numel()) for layer in self.layers]
         thetas = [float(layer.theta) for layer in self.layers]
         uppers = [math.log(float(layer.upper) / layer.scale) if layer.upper is not None and float(layer.upper) > 0
