@@ -1012,19 +1012,53 @@ def test_a_learning_split_no_larger_than_the_smallest_batch_leaves_nothing_to_ch
     assert learner.batch_floor == 16
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(values=st.lists(st.sampled_from([0.0, 1e-8, 0.25, 0.5, 0.5, 1.0, 3.0]) | st.floats(0, 10, width=32),
-                       min_size=1, max_size=300), data=st.data())
-def test_kth_smallest_by_sort_equals_the_selection(values, data):
-    """The GPU's path (sort) and the CPU's (kthvalue) give the same k-th smallest, ties included,
-    and both the value numpy's partition gives; keep_mask drops exactly k, the smallest."""
+                       min_size=1, max_size=300), order=st.sampled_from(["as drawn", "sorted", "reversed"]),
+       data=st.data())
+def test_kth_smallest_is_exact_on_every_path(values, order, data):
+    """Selection (the CPU's kthvalue) or sort (a GPU's), over the whole tensor or the band from a
+    strided sample (forced here on small tensors; sorted input puts the sample's band far from
+    most values, ties crowd it): all give numpy's k-th smallest; keep_mask drops exactly k."""
     from fcpts_onnx.learner.fcpts import keep_mask, kth_smallest
 
+    values = sorted(values) if order == "sorted" else sorted(values, reverse=True) if order == "reversed" else values
     t = torch.tensor(values, dtype=torch.float32)
     k = data.draw(st.integers(1, t.numel()))
     expected = np.partition(np.array(values, np.float32), k - 1)[k - 1]
-    assert float(kth_smallest(t, k, by_sort=True)) == float(kth_smallest(t, k, by_sort=False)) == expected
+    for by_sort in (False, True):
+        for bracket_min in (1, 10**9):
+            assert float(kth_smallest(t, k, by_sort=by_sort, bracket_min=bracket_min)) == expected
     keep = keep_mask(t, k)
     assert int((~keep).sum()) == k
     if k < t.numel():
         assert float(t[~keep].max()) <= float(t[keep].min())
+
+
+def test_kth_smallest_band_on_a_large_layer():
+    """The band path on a layer-sized tensor (above BRACKET_MIN): exact at every quantile,
+    including the ends where one side of the band is open, and with a skewed channel order."""
+    from fcpts_onnx.learner.fcpts import BRACKET_MIN, kth_smallest
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 1200, generator=gen) * torch.linspace(0.01, 3, 64)[:, None]  # channels of rising scale
+    mags = w.abs().reshape(-1)
+    assert mags.numel() >= BRACKET_MIN
+    ordered = torch.sort(mags).values
+    for k in (1, 2, 700, mags.numel() // 2, int(0.98 * mags.numel()), mags.numel() - 1, mags.numel()):
+        assert float(kth_smallest(mags, k)) == float(ordered[k - 1]), k
+        assert float(kth_smallest(mags, k, by_sort=True)) == float(ordered[k - 1]), k
+
+
+def test_kth_smallest_when_the_sample_misses_the_band():
+    """A layout the strided sample misreads (every sampled position holds a large value): the
+    band holds no k-th value and the whole tensor is searched; still exact."""
+    from fcpts_onnx.learner.fcpts import BRACKET_MIN, BRACKET_SAMPLE, kth_smallest
+
+    n = 2 * BRACKET_MIN
+    values = torch.linspace(0, 1, n)
+    values[:: n // BRACKET_SAMPLE] = 100 + torch.arange(len(values[:: n // BRACKET_SAMPLE]), dtype=torch.float32)
+    ordered = torch.sort(values).values
+    for k in (n // 2, int(0.98 * n), n // 100):
+        assert float(kth_smallest(values, k)) == float(ordered[k - 1]), k
+        assert float(kth_smallest(values, k, by_sort=True)) == float(ordered[k - 1]), k
