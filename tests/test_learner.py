@@ -504,6 +504,30 @@ def test_progress_bar_shows_phase_loss_and_sparsity(tmp_path, capfd):
     assert shown and all(55.0 <= s <= 65.0 for s in shown), shown
 
 
+def test_progress_bar_rate_counts_only_the_steps_since_a_restart(monkeypatch, capfd):
+    """Learning that continues a start trial restarts the bar at step 40 of 96: the rate is
+    the steps since then over the time since then (it read 95162 it/s at the restart)."""
+    import tqdm
+
+    from fcpts_onnx.learner.stage import _progress_bar
+
+    now = [1000.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: now[0])  # the bar's clock
+    update, close = _progress_bar(quiet=False)
+    info = {"phase": "learn", "loss": 0.5, "sparsity": 0.8, "holdout": 0.4}
+    update(0, 10, {**info, "restart": True})
+    for step in range(1, 11):  # trial steps, 1 s each
+        now[0] += 1.0
+        update(step, 10, info)
+    update(40, 96, {**info, "restart": True})
+    for step in range(41, 46):  # learning steps, 3 s each
+        now[0] += 3.0
+        update(step, 96, info)
+    last = capfd.readouterr().err.split("\r")[-1]
+    close()
+    assert "45/96 [00:15<02:33,  3.00s/it" in last, last  # 15 s so far, 51 steps x 3 s to go
+
+
 def test_summary_says_what_learning_did(tmp_path):
     import graphs as G
 
