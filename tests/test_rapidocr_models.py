@@ -103,3 +103,27 @@ def test_trainable_form_matches_onnxruntime(tmp_path, name, shape):
     # every Constant-node weight became a parameter that writes back to its node
     weights = [p for p in info["trainable_parameters"] if p["role"] == "weight"]
     assert len(weights) > 40 and {p["storage"] for p in weights} == {"constant"}
+
+
+def test_rec_runs_its_hardswish_chains_fused_with_the_chains_gradients():
+    # paddle2onnx spells hardswish as Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6): 28 chains in the
+    # recogniser, each run as one kernel (torchform/fusion.py); the gradient every parameter gets
+    # must be the one the node-by-node graph gives
+    import torch
+
+    from fcpts_onnx.discovery import discover
+    from fcpts_onnx.torchform import OnnxModule
+
+    model = onnx.load(str(MODELS / "ch_PP-OCRv4_rec_infer.onnx"))
+    module = OnnxModule(model, prunable=discover(model).weights)
+    assert module.fusions == {"hardswish": 28}
+    x = torch.from_numpy(_text_like_images((2, 3, 48, 160)))
+    hidden = sorted(module._fused_away)[0]
+    grads = []
+    for keep in ((), (hidden,)):  # asking for a value inside a chain runs the exact plan
+        module.zero_grad()
+        out = module.run({"x": x}, keep=keep)
+        (out[module.output_names[0]] * torch.linspace(0, 1, out[module.output_names[0]].shape[-1])).sum().backward()
+        grads.append({k: p.grad.clone() for k, p in module.named_parameters()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-3, atol=1e-6 * grads[1][k].abs().max().item())

@@ -22,6 +22,7 @@ from ..discovery import CONTRIB_DOMAIN, ConstantSource, GraphIndex, PrunableWeig
 from ..errors import FcptsError, UnsupportedModelError
 from . import ops  # noqa: F401  (registers the operators)
 from .dtypes import to_torch
+from .fusion import KERNELS, Fusion, find_fusions
 from .registry import NodeContext, OpFn, decode_attribute, resolve
 
 # Which inputs of which ops are tunable besides the prunable weights, and their role.
@@ -114,6 +115,13 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     raise UnsupportedModelError(f"Constant node {node.name!r} with attribute {attr.name} is not supported")
 
 
+def _fused_fn(kernel: Callable) -> OpFn:
+    def run_fused(ctx, x):
+        return kernel(x)
+
+    return run_fused
+
+
 @dataclass
 class _Step:
     fn: OpFn
@@ -197,7 +205,12 @@ class OnnxModule(nn.Module):
                     self._const_keys[name] = key
                 continue
             steps_nodes.append(node)
-        self._steps = self._plan(steps_nodes, opsets)
+        # The node-by-node plan, for callers that want values a fused chain no longer makes.
+        self._exact_steps = self._plan(steps_nodes, opsets)
+        fusions = find_fusions(steps_nodes, self._stored_constant, opsets, self.output_names)
+        self.fusions = Counter(f.kind for f in fusions)
+        self._fused_away = {name for f in fusions for name in f.hidden}
+        self._steps = self._plan(steps_nodes, opsets, fusions) if fusions else self._exact_steps
 
     def _add_matmul_biases(self, model: onnx.ModelProto, index: GraphIndex, add_parameter) -> None:
         """Add(MatMul(x, W), b) is how exporters write Linear: b is a bias like Conv's."""
@@ -218,20 +231,44 @@ class OnnxModule(nn.Module):
                         and len(source.tensor(model).dims) <= 1:
                     add_parameter(source, "bias")
 
-    def _plan(self, nodes: list[onnx.NodeProto], opsets: dict[str, int]) -> list[_Step]:
+    def _stored_constant(self, name: str) -> np.ndarray | None:
+        """A constant's value, None for computed values and for parameters (they get tuned)."""
+        key = self._const_keys.get(name)
+        if key is None or key in self._params:
+            return None
+        return getattr(self, key).detach().cpu().numpy()
+
+    def _plan(self, nodes: list[onnx.NodeProto], opsets: dict[str, int],
+              fusions: Sequence[Fusion] = ()) -> list[_Step]:
+        fused_at = {id(f.nodes[-1]): f for f in fusions}  # a chain runs where its last node was
+        inside = {id(n) for f in fusions for n in f.nodes[:-1]}
+        ordered = []
+        for node in nodes:
+            if id(node) in inside:
+                continue
+            fusion = fused_at.get(id(node))
+            if fusion is None:
+                ordered.append(node)
+            else:  # a stand-in node, so errors name the chain and its last node
+                ordered.append(onnx.helper.make_node(
+                    f"fused {fusion.kind}", [fusion.x], [fusion.output],
+                    name=f"{node.name or fusion.output} (fused {fusion.kind} of {len(fusion.nodes)} nodes)"))
         last_use: dict[str, int] = {}
-        for i, node in enumerate(nodes):
+        for i, node in enumerate(ordered):
             for name in node.input:
                 if name:
                     last_use[name] = i
         keep = set(self.output_names)
         steps = []
-        for i, node in enumerate(nodes):
+        for i, node in enumerate(ordered):
             domain = "" if node.domain in ("", "ai.onnx") else node.domain
-            fn = resolve(domain, node.op_type, opsets.get(domain, 1))
+            if node.op_type.startswith("fused "):
+                fn, opset = _fused_fn(KERNELS[node.op_type.split()[1]]), 0
+            else:
+                opset = opsets.get(domain, 1)
+                fn = resolve(domain, node.op_type, opset)
             release = tuple(sorted({n for n in node.input if n and last_use[n] == i and n not in keep}))
-            steps.append(_Step(fn, NodeContext.of(node, opsets.get(domain, 1)), tuple(node.input),
-                               tuple(node.output), release))
+            steps.append(_Step(fn, NodeContext.of(node, opset), tuple(node.input), tuple(node.output), release))
         return steps
 
     # -- parameters ---------------------------------------------------------------------
@@ -263,10 +300,12 @@ class OnnxModule(nn.Module):
             value = feeds[name]
             env[name] = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
         wanted = set(keep or ())
+        # Fused chains do not make their inner values; whoever asks for them gets the exact plan.
+        plan = self._exact_steps if wanted & self._fused_away else self._steps
         device = next((env[n].device for n in self.input_names), None)
         if device is None:
             device = next((v.device for v in env.values() if isinstance(v, torch.Tensor)), None)
-        for step in self._steps:
+        for step in plan:
             step.ctx.device = device
             args = [env[n] if n else None for n in step.inputs]
             # Trailing absent optional inputs are dropped so implementations see their defaults.

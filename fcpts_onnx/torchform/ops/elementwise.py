@@ -179,8 +179,9 @@ def hard_sigmoid(ctx, x):
 
 @register("HardSwish", since=14)
 def hard_swish(ctx, x):
-    # onnxruntime: x * HardSigmoid(x, alpha=1/6, beta=0.5)
-    return x * torch.clamp(x * (1.0 / 6.0) + 0.5, 0.0, 1.0)
+    # onnxruntime: x * HardSigmoid(x, alpha=1/6, beta=0.5), the same function up to rounding;
+    # torch's kernel is one pass each way where the spelled-out form is four forward
+    return F.hardswish(x)
 
 
 @register("Mish", since=18)
@@ -190,7 +191,8 @@ def mish(ctx, x):
 
 @register("Swish", since=24)
 def swish(ctx, x):
-    return x * torch.sigmoid(float(ctx.attr("alpha", 1.0)) * x)
+    alpha = float(ctx.attr("alpha", 1.0))
+    return F.silu(x) if alpha == 1.0 else x * torch.sigmoid(alpha * x)
 
 
 @register("Gelu", since=20)

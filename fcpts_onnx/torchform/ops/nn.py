@@ -98,6 +98,11 @@ def conv(ctx, x, w, b=None):
     else:
         x = F.pad(x, _torch_pads(begins, ends))
         padding = [0] * nsp
+    if nsp == 2 and x.device.type == "cpu":
+        # oneDNN computes a depthwise convolution's backward pass 3-4x faster on channels-last
+        # input (PP-OCRv4 rec: a training step 3.0 -> 2.4 s); the output stays channels-last,
+        # so the next convolution gets it without a copy. Values are unchanged up to rounding.
+        x = x.contiguous(memory_format=torch.channels_last)
     return _CONV[nsp](x, w, b, strides, padding, dilations, group)
 
 
@@ -193,6 +198,15 @@ class _PoolGeometry:
 
     def window_sum(self, padded):
         """Sum over each window of an already padded [N, C, ...] tensor."""
+        if all(d == 1 for d in self.dilations) and padded.is_floating_point():
+            # A pooling kernel's backward pass is 4x faster on the CPU than that of a
+            # convolution with a ones kernel (PP-OCRv4 rec's pool: 19 -> 5 ms); the sums are the same.
+            if self.nsp == 1:
+                y = F.avg_pool2d(padded.unsqueeze(-2), (1, *self.kernel), (1, *self.strides),
+                                 divisor_override=1).squeeze(-2)
+            else:
+                y = _AVG_POOL[self.nsp](padded, self.kernel, self.strides, divisor_override=1)
+            return self.crop(y)
         n, c = padded.shape[:2]
         flat = padded.reshape(n * c, 1, *padded.shape[2:])
         ones = torch.ones((1, 1, *self.kernel), dtype=padded.dtype, device=padded.device)
@@ -211,6 +225,7 @@ class _PoolGeometry:
 
 
 _MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 @register("MaxPool", since=1)

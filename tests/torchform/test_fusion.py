@@ -1,0 +1,164 @@
+"""Activation chains run as one kernel (torchform/fusion.py): the same values as onnxruntime,
+the same gradients as the node-by-node plan, and no fusion where the graph could notice it."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper, numpy_helper
+
+from fcpts_onnx.discovery import discover
+from fcpts_onnx.torchform import OnnxModule
+
+from .harness import assert_close, run_both
+
+
+def _model(nodes, *, opset, constants, outputs=("y",), x_shape=(2, 3, 4, 5), extra_inputs=()):
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in constants.items()]
+    inputs = [helper.make_tensor_value_info(n, helper.TensorProto.FLOAT, list(x_shape)) for n in ("x", *extra_inputs)]
+    graph_outputs = [helper.make_tensor_value_info(o, helper.TensorProto.FLOAT, None) for o in outputs]
+    graph = helper.make_graph(nodes, "chain", inputs, graph_outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    return model
+
+
+def _relu6_plus_3(opset=13, order=("x", "three")):
+    add = helper.make_node("Add", list(order), ["a"])
+    if opset >= 11:
+        clip = helper.make_node("Clip", ["a", "zero", "six"], ["r"])
+    else:
+        clip = helper.make_node("Clip", ["a"], ["r"], min=0.0, max=6.0)
+    return [add, clip]
+
+
+_SCALARS = {"three": 3.0, "zero": 0.0, "six": 6.0, "sixth": 1 / 6}
+
+# name -> (nodes, opset, kind): every spelling the matcher knows, each with a hidden value "r" or "h"
+SPELLINGS = {
+    "paddle2onnx: Div(Mul(x, relu6(x+3)), 6)": (
+        [*_relu6_plus_3(12), helper.make_node("Mul", ["x", "r"], ["m"]), helper.make_node("Div", ["m", "six"], ["y"])],
+        12, "hardswish"),
+    "Mul(Mul(relu6(3+x), x), 1/6)": (
+        [*_relu6_plus_3(13, ("three", "x")), helper.make_node("Mul", ["r", "x"], ["m"]),
+         helper.make_node("Mul", ["sixth", "m"], ["y"])], 13, "hardswish"),
+    "Mul(x, Div(relu6(x+3), 6))": (
+        [*_relu6_plus_3(13), helper.make_node("Div", ["r", "six"], ["h"]), helper.make_node("Mul", ["x", "h"], ["y"])],
+        13, "hardswish"),
+    "Mul(Mul(relu6(x+3), 1/6), x)": (
+        [*_relu6_plus_3(13), helper.make_node("Mul", ["r", "sixth"], ["h"]), helper.make_node("Mul", ["h", "x"], ["y"])],
+        13, "hardswish"),
+    "torch legacy: Mul(x, HardSigmoid(x, 1/6, 0.5))": (
+        [helper.make_node("HardSigmoid", ["x"], ["h"], alpha=1 / 6, beta=0.5), helper.make_node("Mul", ["x", "h"], ["y"])],
+        13, "hardswish"),
+    "Clip with min/max attributes, opset 10": (
+        [*_relu6_plus_3(10), helper.make_node("Mul", ["x", "r"], ["m"]), helper.make_node("Div", ["m", "six"], ["y"])],
+        10, "hardswish"),
+    "SiLU: Mul(Sigmoid(x), x)": (
+        [helper.make_node("Sigmoid", ["x"], ["h"]), helper.make_node("Mul", ["h", "x"], ["y"])], 13, "silu"),
+}
+
+
+def _hidden(nodes) -> str:
+    return "r" if any("r" in n.output for n in nodes) else "h"
+
+
+# the activations' corners (0, +-3, +-6) and values anywhere around them
+_values = st.one_of(st.sampled_from([-6.0, -3.0, 0.0, 3.0, 6.0]), st.floats(-9, 9, width=32))
+
+
+@pytest.mark.parametrize("name", sorted(SPELLINGS))
+@settings(max_examples=15, deadline=None)
+@given(x=hnp.arrays(np.float32, (2, 3, 4, 5), elements=_values))
+def test_every_spelling_is_fused_exact_and_has_the_chains_gradient(name, x):
+    nodes, opset, kind = SPELLINGS[name]
+    model = _model(nodes, opset=opset, constants=_SCALARS)
+    module = OnnxModule(model)
+    assert module.fusions == Counter({kind: 1})
+    reference, ours = run_both(model, {"x": x})
+    assert_close(reference, ours)
+    # the node-by-node plan runs when a hidden value is asked for: the gradients must agree
+    grads = []
+    for keep in ((), (_hidden(nodes),)):
+        xt = torch.from_numpy(x.copy()).requires_grad_()
+        out = module.run({"x": xt}, keep=keep)
+        assert set(keep) <= set(out)
+        (torch.from_numpy(np.linspace(-1, 1, x.size, dtype=np.float32).reshape(x.shape)) * out["y"]).sum().backward()
+        grads.append(xt.grad)
+    # except at the kinks x = +-3 (within rounding of x/6 + 0.5), where the chain and torch's
+    # kernel take the derivatives from opposite sides (next test)
+    smooth = torch.from_numpy(~np.isclose(np.abs(x), 3.0, rtol=0, atol=1e-5))
+    torch.testing.assert_close(grads[0][smooth], grads[1][smooth], rtol=1e-5, atol=1e-6)
+
+
+def test_a_fused_chain_matches_its_nodes_at_the_corners():
+    nodes, opset, _ = SPELLINGS["paddle2onnx: Div(Mul(x, relu6(x+3)), 6)"]
+    module = OnnxModule(_model(nodes, opset=opset, constants=_SCALARS, x_shape=(7,)))
+    x = torch.tensor([-6.0, -3.0, -1e-3, 0.0, 1e-3, 3.0, 6.0], requires_grad=True)
+    module.run({"x": x})["y"].sum().backward()
+    # d/dx of x * relu6(x + 3) / 6: 0 below -3, x/3 + 0.5 between, 1 above; at the kinks the
+    # fused kernel takes the outer side's derivative (0 and 1) ...
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, 0.0, 0.5 - 1e-3 / 3, 0.5, 0.5 + 1e-3 / 3, 1.0, 1.0]))
+    # ... where the chain's Clip passes the gradient at both bounds (the inner side's)
+    x.grad = None
+    module.run({"x": x}, keep=["r"])["y"].sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, -0.5, 0.5 - 1e-3 / 3, 0.5, 0.5 + 1e-3 / 3, 1.5, 1.0]))
+
+
+def _paddle_chain():
+    return SPELLINGS["paddle2onnx: Div(Mul(x, relu6(x+3)), 6)"][0]
+
+
+@pytest.mark.parametrize("case", ["inner value is a graph output", "inner value used elsewhere",
+                                  "Add constant is not 3", "Clip bound is not 6", "gate of another tensor",
+                                  "bound is a computed value"])
+def test_chains_the_graph_could_notice_are_not_fused(case):
+    nodes, constants, outputs, extra = list(_paddle_chain()), dict(_SCALARS), ["y"], ()
+    if case == "inner value is a graph output":
+        outputs = ["y", "r"]
+    elif case == "inner value used elsewhere":
+        nodes.append(helper.make_node("Neg", ["r"], ["n"]))
+        outputs = ["y", "n"]
+    elif case == "Add constant is not 3":
+        constants["three"] = 2.5
+    elif case == "Clip bound is not 6":
+        constants["six"] = 6.5  # also the divisor: a valid-looking chain that is not hardswish
+    elif case == "gate of another tensor":
+        nodes = [helper.make_node("Sigmoid", ["z"], ["h"]), helper.make_node("Mul", ["x", "h"], ["y"])]
+        extra = ("z",)
+    elif case == "bound is a computed value":
+        nodes = [helper.make_node("Identity", ["six"], ["six_copy"]), *nodes]
+        nodes[2] = helper.make_node("Clip", ["a", "zero", "six_copy"], ["r"])
+    model = _model(nodes, opset=13, constants=constants, outputs=outputs, extra_inputs=extra)
+    module = OnnxModule(model)
+    assert module.fusions == Counter()
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.uniform(-8, 8, (2, 3, 4, 5)).astype(np.float32) for n in ("x", *extra)}
+    reference, ours = run_both(model, feeds)
+    assert_close(reference, ours)
+
+
+def test_a_tuned_bias_is_never_folded_into_a_kernel():
+    # Add(MatMul(x, W), b) makes b a tuned bias; b = 3 must stay a parameter the optimizer moves
+    rng = np.random.default_rng(0)
+    constants = {"W": rng.standard_normal((16, 8)).astype(np.float32), "b": np.full(1, 3.0, np.float32),
+                 "zero": 0.0, "six": 6.0}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["x1"]), helper.make_node("Add", ["x1", "b"], ["a"]),
+             helper.make_node("Clip", ["a", "zero", "six"], ["r"]), helper.make_node("Mul", ["x1", "r"], ["m"]),
+             helper.make_node("Div", ["m", "six"], ["y"])]
+    model = _model(nodes, opset=13, constants=constants, x_shape=(4, 16))
+    module = OnnxModule(model, prunable=discover(model).weights)
+    assert [s.role for s in module.sources.values()] == ["weight", "bias"]
+    assert module.fusions == Counter()
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    reference, ours = run_both(model, {"x": x})
+    assert_close(reference, ours)
+    module.run({"x": torch.from_numpy(x)})["y"].sum().backward()
+    bias = module.parameters_by_role("bias")
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in bias.values())
