@@ -436,3 +436,30 @@ def test_zero_smallest_breaks_ties_by_position():
     expected[3 * 40 + 3] = True
     expected[:9] = True
     np.testing.assert_array_equal(out == 0, expected)
+
+
+@settings(max_examples=200, **SETTINGS)
+@given(data=st.data())
+def test_smallest_scores_counts_the_globally_smallest_within_caps(data):
+    # against a plain sort: integer scores make ties common, -inf and inf stand for existing
+    # zeros and protected weights; caps cut layers anywhere
+    from fcpts_onnx.allocation.problem import smallest_scores
+
+    n_layers = data.draw(st.integers(1, 5))
+    values = st.one_of(st.integers(-3, 3).map(float), st.sampled_from([-math.inf, math.inf]))
+    scores = [np.array(data.draw(st.lists(values, min_size=1, max_size=40))) for _ in range(n_layers)]
+    problem = AllocationProblem([np.abs(s).astype(np.float32) for s in scores], [s.shape for s in scores], 0.0, 1.0)
+    problem.caps = np.array([data.draw(st.integers(0, s.size)) for s in scores], dtype=np.int64)
+    problem.n_zeros = data.draw(st.integers(0, int(problem.caps.sum())))
+    counts = smallest_scores(scores, problem)
+    assert counts.sum() == problem.n_zeros and np.all(counts <= problem.caps)
+    candidates = [np.sort(s)[:cap] for s, cap in zip(scores, problem.caps)]
+    taken = np.concatenate([c[:k] for c, k in zip(candidates, counts)])
+    left = np.concatenate([c[k:] for c, k in zip(candidates, counts)])
+    if taken.size and left.size:
+        assert taken.max() <= left.min()  # nothing left out is smaller than anything taken
+    # ties at the cut go to the earliest layers
+    if taken.size and left.size and taken.max() == left.min():
+        cut = taken.max()
+        first_with_a_tie_left = min(i for i, (c, k) in enumerate(zip(candidates, counts)) if np.any(c[k:] == cut))
+        assert not any(np.any(c[:k] == cut) for c, k in list(zip(candidates, counts))[first_with_a_tie_left + 1:])
