@@ -1,21 +1,23 @@
 """Activation chains that exporters spell out node by node, run as one torch kernel.
 
 paddle2onnx writes hardswish as ``Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)``; torch's legacy
-exporter below opset 14 as ``Mul(x, HardSigmoid(x))``; many exporters write SiLU as
+exporter below opset 14 as ``Mul(x, HardSigmoid(x))``, and exact GELU below opset 20 as
+``Mul(Mul(x, Add(Erf(Div(x, sqrt 2)), 1)), 0.5)``; many exporters write SiLU as
 ``Mul(x, Sigmoid(x))``. Run node by node, a hardswish is four passes over memory forward and
 about ten backward (Clip's gradient alone is two comparisons, an and and a where), with every
 link's output kept for the backward pass. On PP-OCRv4 rec (28 such chains) those passes were
 about a third of a training step on the CPU; ``F.hardswish`` and ``F.silu`` are one pass each
 way.
 
-The fused function is the same function: ``F.hardswish`` computes ``x * min(max(x + 3, 0), 6)
-/ 6`` in that order, and its gradient is the chain's everywhere but at exactly x = -3 and
-x = 3, the two kinks, where the chain's Clip passes the gradient (-0.5 and 1.5 times it) and
-torch's kernel takes the derivative from the other side (0 and 1): both one-sided derivatives
-of the same function, at two points real data does not sit on. Spellings that scale by a stored
-1/6 instead of dividing by 6 differ from it by rounding, as SiLU's ``x / (1 + exp(-x))`` does
-from ``x * sigmoid(x)``; the parity check against onnxruntime covers the fused form, since that
-is the form that runs.
+The fused function is the chain's function up to rounding: ``F.hardswish`` computes
+``x * min(max(x + 3, 0), 6) / 6`` in paddle2onnx's order (spellings that scale by a stored
+1/6 differ by rounding), ``F.silu`` computes ``x / (1 + exp(-x))``, ``F.gelu`` the exact erf
+form in its own order. The gradients are the chains' (SiLU and GELU are smooth), except
+hardswish's at exactly x = -3 and x = 3, its kinks, where the chain's Clip passes the
+gradient (-0.5 and 1.5 times it) and torch's kernel takes the derivative from the other side
+(0 and 1): both one-sided derivatives of the same function, at two points real data does
+not sit on. The parity check against onnxruntime covers the fused form, since that is the
+form that runs.
 
 A chain is fused only when its constants are exactly the values the pattern needs (stored
 constants, not tuned parameters) and its inner values are used nowhere else and are not graph
@@ -24,6 +26,7 @@ outputs, so nothing else in the graph can see that they are gone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -31,7 +34,7 @@ import numpy as np
 import onnx
 import torch.nn.functional as F
 
-KERNELS: dict[str, Callable] = {"hardswish": F.hardswish, "silu": F.silu}
+KERNELS: dict[str, Callable] = {"hardswish": F.hardswish, "silu": F.silu, "gelu": F.gelu}
 
 
 @dataclass(frozen=True)
@@ -174,10 +177,55 @@ def _silu(g: _Graph, end: onnx.NodeProto) -> _Match | None:
     return None
 
 
+def _one_plus_erf(g: _Graph, value: str) -> _Match | None:
+    """value = 1 + Erf(x / sqrt(2)) (or x * 1/sqrt(2))."""
+    add = g.node(value, "Add")
+    for inner, one in _binary_operands(add) if add is not None else []:
+        erf = g.node(inner, "Erf") if _is(g.scalar(one), 1.0) else None
+        scaled = g.node(erf.input[0], "Div", "Mul") if erf is not None else None
+        if scaled is None:
+            continue
+        if scaled.op_type == "Div":
+            pairs, factor = ([tuple(scaled.input)] if len(scaled.input) == 2 else []), math.sqrt(2)
+        else:
+            pairs, factor = _binary_operands(scaled), math.sqrt(0.5)
+        for x, constant in pairs:
+            if _is(g.scalar(constant), factor):
+                return _Match(x, (scaled, erf, add))
+    return None
+
+
+def _gelu(g: _Graph, end: onnx.NodeProto) -> _Match | None:
+    """x * 0.5 * (1 + Erf(x / sqrt(2))) with the products in any order: torch's exporter below
+    opset 20 writes Mul(Mul(x, 1 + erf), 0.5); others Mul(x, Mul(1 + erf, 0.5)) or
+    Mul(Mul(x, 0.5), 1 + erf)."""
+    if end.op_type != "Mul":
+        return None
+    for a, b in _binary_operands(end):
+        if _is(g.scalar(b), 0.5):  # (x * (1 + erf)) * 0.5
+            mul = g.node(a, "Mul")
+            for x, rest in _binary_operands(mul) if mul is not None else []:
+                found = _one_plus_erf(g, rest)
+                if found and found.x == x:
+                    return _Match(x, (*found.nodes, mul, end))
+        mul = g.node(b, "Mul")
+        for c, d in _binary_operands(mul) if mul is not None else []:
+            if not _is(g.scalar(d), 0.5):
+                continue
+            found = _one_plus_erf(g, c)  # x * ((1 + erf) * 0.5)
+            if found and found.x == a:
+                return _Match(a, (*found.nodes, mul, end))
+            found = _one_plus_erf(g, a)  # (1 + erf) * (x * 0.5)
+            if found and found.x == c:
+                return _Match(c, (mul, *found.nodes, end))
+    return None
+
+
 # kind -> matcher, tried in this order on every node as the possible end of a chain
 PATTERNS: dict[str, Callable[[_Graph, onnx.NodeProto], _Match | None]] = {
     "hardswish": _hardswish,
     "silu": _silu,
+    "gelu": _gelu,
 }
 
 

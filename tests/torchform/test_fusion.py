@@ -38,7 +38,8 @@ def _relu6_plus_3(opset=13, order=("x", "three")):
     return [add, clip]
 
 
-_SCALARS = {"three": 3.0, "zero": 0.0, "six": 6.0, "sixth": 1 / 6}
+_SCALARS = {"three": 3.0, "zero": 0.0, "six": 6.0, "sixth": 1 / 6, "one": 1.0, "half": 0.5,
+            "sqrt2": 2**0.5, "rsqrt2": 0.5**0.5}
 
 # name -> (nodes, opset, kind): every spelling the matcher knows, each with a hidden value "r" or "h"
 SPELLINGS = {
@@ -62,6 +63,18 @@ SPELLINGS = {
         10, "hardswish"),
     "SiLU: Mul(Sigmoid(x), x)": (
         [helper.make_node("Sigmoid", ["x"], ["h"]), helper.make_node("Mul", ["h", "x"], ["y"])], 13, "silu"),
+    "torch legacy GELU: Mul(Mul(x, Add(Erf(Div(x, sqrt 2)), 1)), 0.5)": (
+        [helper.make_node("Div", ["x", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+         helper.make_node("Add", ["e", "one"], ["h"]), helper.make_node("Mul", ["x", "h"], ["m"]),
+         helper.make_node("Mul", ["m", "half"], ["y"])], 13, "gelu"),
+    "Mul(x, Mul(Add(1, Erf(Mul(x, 1/sqrt 2))), 0.5))": (
+        [helper.make_node("Mul", ["rsqrt2", "x"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+         helper.make_node("Add", ["one", "e"], ["h"]), helper.make_node("Mul", ["half", "h"], ["m"]),
+         helper.make_node("Mul", ["m", "x"], ["y"])], 13, "gelu"),
+    "Mul(Mul(x, 0.5), Add(Erf(Div(x, sqrt 2)), 1))": (
+        [helper.make_node("Mul", ["x", "half"], ["m"]), helper.make_node("Div", ["x", "sqrt2"], ["d"]),
+         helper.make_node("Erf", ["d"], ["e"]), helper.make_node("Add", ["e", "one"], ["h"]),
+         helper.make_node("Mul", ["h", "m"], ["y"])], 13, "gelu"),
 }
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from fcpts_onnx.errors import UnsupportedModelError
 from fcpts_onnx.torchform import OnnxModule
@@ -337,6 +337,26 @@ def test_pow_integer_base_matches_onnxruntime_special_cases():
     check("Pow", {"x": np.array([46341], np.int32), "y": np.array(2, np.int64)}, opset=15)  # both single
     check("Pow", {"x": x, "y": np.array([[2]], np.int64)}, opset=15)  # output takes y's rank
     check("Pow", {"x": np.array([-2.0, 0.0, 2.0], F32), "y": np.array([0.5, -1.0, 2], F32)}, opset=15)
+
+
+@pytest.mark.parametrize("e", [2.0, 3.0, 0.5, -1.5, 1.0])
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1, 1)])
+def test_pow_single_float_exponent_takes_the_number_path(e, shape):
+    # a one-element exponent runs as torch.pow(x, number): the values onnxruntime gives, the
+    # output of y's rank where y's is larger, and the gradient of the general tensor pow
+    x = np.array([[0.5, 1.0, 2.0], [3.0, 0.25, 4.0]], F32)
+    y = np.full(shape, e, F32)
+    check("Pow", {"x": x, "y": y}, opset=15)
+    xt = torch.from_numpy(x).requires_grad_()
+    module = OnnxModule(helper.make_model(helper.make_graph(
+        [helper.make_node("Pow", ["x", "y"], ["z"])], "pow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(y, "y")]), opset_imports=[helper.make_opsetid("", 15)]))
+    module.run({"x": xt})["z"].sum().backward()
+    expected = torch.from_numpy(x).requires_grad_()
+    torch.pow(expected, torch.from_numpy(y)).sum().backward()
+    torch.testing.assert_close(xt.grad, expected.grad)
 
 
 @FAST
