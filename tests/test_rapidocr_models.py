@@ -105,10 +105,11 @@ def test_trainable_form_matches_onnxruntime(tmp_path, name, shape):
     assert len(weights) > 40 and {p["storage"] for p in weights} == {"constant"}
 
 
-def test_rec_runs_its_hardswish_chains_fused_with_the_chains_gradients():
+def test_rec_runs_its_activation_and_norm_chains_fused_with_the_chains_gradients():
     # paddle2onnx spells hardswish as Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6): 28 chains in the
-    # recogniser, each run as one kernel (torchform/fusion.py); the gradient every parameter gets
-    # must be the one the node-by-node graph gives
+    # recogniser, and LayerNorm node by node in its 5 SVTR norms, each run as one kernel
+    # (torchform/fusion.py); the gradient every parameter gets must be the one the node-by-node
+    # graph gives
     import torch
 
     from fcpts_onnx.discovery import discover
@@ -116,7 +117,10 @@ def test_rec_runs_its_hardswish_chains_fused_with_the_chains_gradients():
 
     model = onnx.load(str(MODELS / "ch_PP-OCRv4_rec_infer.onnx"))
     module = OnnxModule(model, prunable=discover(model).weights)
-    assert module.fusions == {"hardswish": 28}
+    assert module.fusions == {"hardswish": 28, "layer_norm": 5}
+    # the spelled-out norms' scales and shifts are tuned like LayerNormalization's: 10 norm
+    # parameters from them beside the 12 of the 6 BatchNormalization nodes
+    assert sum(s.role == "norm" for s in module.sources.values()) == 12 + 10
     x = torch.from_numpy(_text_like_images((2, 3, 48, 160)))
     hidden = sorted(module._fused_away)[0]
     grads = []

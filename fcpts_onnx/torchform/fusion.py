@@ -39,12 +39,15 @@ KERNELS: dict[str, Callable] = {"hardswish": F.hardswish, "silu": F.silu, "gelu"
 
 @dataclass(frozen=True)
 class Fusion:
-    """One chain: ``output = KERNELS[kind](x)``, replacing ``nodes`` (graph order, last = output's)."""
+    """One chain: ``output = KERNELS[kind](x, *extra, **attrs)``, replacing ``nodes`` (graph
+    order, the last one the output's)."""
 
     kind: str
     x: str
     output: str
     nodes: tuple[onnx.NodeProto, ...]
+    extra: tuple[str, ...] = ()  # further tensor inputs (a LayerNorm's scale and shift)
+    attrs: tuple[tuple[str, object], ...] = ()
 
     @property
     def hidden(self) -> set[str]:
@@ -56,6 +59,8 @@ class Fusion:
 class _Match:
     x: str
     nodes: tuple[onnx.NodeProto, ...]
+    extra: tuple[str, ...] = ()
+    attrs: tuple[tuple[str, object], ...] = ()
 
 
 class _Graph:
@@ -73,9 +78,12 @@ class _Graph:
             return None
         return node
 
+    def constant(self, value: str) -> np.ndarray | None:
+        return self._constant(value) if value else None
+
     def scalar(self, value: str) -> float | None:
         """A stored floating-point constant with one element, as float32, else None."""
-        array = self._constant(value) if value else None
+        array = self.constant(value)
         if array is None or array.size != 1 or array.dtype.kind != "f":
             return None
         return float(np.float32(array.reshape(())))
@@ -221,11 +229,98 @@ def _gelu(g: _Graph, end: onnx.NodeProto) -> _Match | None:
     return None
 
 
+def _reduce_mean_last_axes(g: _Graph, node: onnx.NodeProto | None) -> int | None:
+    """How many trailing axes a keepdims ReduceMean averages over (axes -k..-1), else None."""
+    if node is None or not _attr(node, "keepdims", 1):
+        return None
+    if g.opset >= 18:
+        axes = g.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        axes = None if axes is None or axes.dtype.kind not in "iu" else sorted(int(a) for a in axes.ravel())
+    else:
+        axes = _attr(node, "axes")
+        axes = None if axes is None else sorted(int(a) for a in axes)
+    if not axes or axes != list(range(-len(axes), 0)):
+        return None  # positive axes need the rank, which the graph may not state
+    return len(axes)
+
+
+def _normalized(g: _Graph, value: str) -> _Match | None:
+    """value = (x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps), over the last axes: how
+    torch's exporter writes LayerNorm below opset 17."""
+    div = g.node(value, "Div")
+    if div is None or len(div.input) != 2:
+        return None
+    centred, std = div.input
+    sub, sqrt = g.node(centred, "Sub"), g.node(std, "Sqrt")
+    add = g.node(sqrt.input[0], "Add") if sqrt is not None else None
+    if sub is None or add is None:
+        return None
+    for variance, eps_name in _binary_operands(add):
+        eps = g.scalar(eps_name)
+        var_mean = g.node(variance, "ReduceMean")
+        square = g.node(var_mean.input[0], "Pow", "Mul") if var_mean is not None else None
+        if eps is None or eps < 0 or square is None:
+            continue
+        if square.op_type == "Pow":
+            squared = list(square.input) == [centred, square.input[1]] and _is(g.scalar(square.input[1]), 2.0)
+        else:
+            squared = list(square.input) == [centred, centred]
+        mean = g.node(sub.input[1], "ReduceMean")
+        dims = _reduce_mean_last_axes(g, var_mean)
+        if squared and mean is not None and mean.input[0] == sub.input[0] and dims is not None \
+                and _reduce_mean_last_axes(g, mean) == dims:
+            return _Match(sub.input[0], (mean, sub, square, var_mean, add, sqrt, div),
+                          attrs=(("dims", dims), ("eps", eps)))
+    return None
+
+
+def _layer_norm(g: _Graph, end: onnx.NodeProto) -> _Match | None:
+    """normalized(x) * scale + shift, the scale and shift optional."""
+    tail: list[onnx.NodeProto] = []
+    shift = scale = None
+    node = end
+    if node.op_type == "Add":
+        for inner, other in _binary_operands(node):
+            if g.node(inner, "Mul", "Div") is not None:
+                tail, shift, node = [node], other, g.producer[inner]
+                break
+        else:
+            return None
+    if node.op_type == "Mul":
+        for inner, other in _binary_operands(node):
+            if g.node(inner, "Div") is not None:
+                tail, scale, node = [node, *tail], other, g.producer[inner]
+                break
+        else:
+            return None
+    if node.op_type != "Div" or (shift is not None and scale is None):
+        return None  # a shift without a scale is left to the nodes
+    found = _normalized(g, node.output[0])
+    if found is None:
+        return None
+    extra = tuple(v for v in (scale, shift) if v is not None)
+    return _Match(found.x, (*found.nodes, *tail), extra, found.attrs)
+
+
+def layer_norm(x, scale=None, shift=None, *, dims: int, eps: float):
+    shape = tuple(x.shape[x.dim() - dims:])
+    if scale is not None and tuple(scale.shape) == shape and (shift is None or tuple(shift.shape) == shape):
+        return F.layer_norm(x, shape, scale, shift, eps)
+    y = F.layer_norm(x, shape, eps=eps)  # a scale or shift that broadcasts some other way
+    if scale is not None:
+        y = y * scale
+    return y if shift is None else y + shift
+
+
+KERNELS["layer_norm"] = layer_norm
+
+
 # kind -> matcher, tried in this order on every node as the possible end of a chain
 PATTERNS: dict[str, Callable[[_Graph, onnx.NodeProto], _Match | None]] = {
     "hardswish": _hardswish,
     "silu": _silu,
     "gelu": _gelu,
+    "layer_norm": _layer_norm,
 }
 
 
@@ -253,7 +348,7 @@ def find_fusions(nodes: Sequence[onnx.NodeProto], constant: Callable[[str], np.n
             if match is None:
                 continue
             members = {id(n) for n in match.nodes}
-            fusion = Fusion(kind, match.x, end.output[0], match.nodes)
+            fusion = Fusion(kind, match.x, end.output[0], match.nodes, match.extra, match.attrs)
             private = all(name not in outputs and set(consumers.get(name, [])) <= members
                           for name in fusion.hidden)
             if private and not members & taken and all(len(n.output) == 1 for n in match.nodes):

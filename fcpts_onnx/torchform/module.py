@@ -44,6 +44,9 @@ _CONTRIB_TUNABLE_INPUTS = {
 }
 
 
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
 def _tunable_inputs(node: onnx.NodeProto) -> dict[int, str]:
     if node.domain in ("", "ai.onnx"):
         return _TUNABLE_INPUTS.get(node.op_type, {})
@@ -115,9 +118,9 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     raise UnsupportedModelError(f"Constant node {node.name!r} with attribute {attr.name} is not supported")
 
 
-def _fused_fn(kernel: Callable) -> OpFn:
-    def run_fused(ctx, x):
-        return kernel(x)
+def _fused_fn(kernel: Callable, attrs: dict) -> OpFn:
+    def run_fused(ctx, x, *extra):
+        return kernel(x, *extra, **attrs)
 
     return run_fused
 
@@ -175,11 +178,23 @@ class OnnxModule(nn.Module):
             for i, role in _tunable_inputs(node).items():
                 if role in tune and i < len(node.input) and node.input[i]:
                     source, _ = index.resolve(node.input[i])
-                    if source is not None and source.tensor(model).data_type in (
-                            onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+                    if source is not None and source.tensor(model).data_type in _FLOAT_TYPES:
                         add_parameter(source, role)
         if "bias" in tune:
             self._add_matmul_biases(model, index, add_parameter)
+        if "norm" in tune:
+            # A LayerNorm written out node by node (torch's exporter below opset 17) has its
+            # scale and shift in a Mul and an Add; they are normalisation parameters all the same.
+            def stored(name: str) -> np.ndarray | None:
+                source, _ = index.resolve(name)
+                return None if source is None else onnx.numpy_helper.to_array(source.tensor(model))
+
+            nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.domain in ("", "ai.onnx"))]
+            for fusion in find_fusions(nodes, stored, opsets, self.output_names):
+                for name in fusion.extra if fusion.kind == "layer_norm" else ():
+                    source, _ = index.resolve(name)
+                    if source is not None and source.tensor(model).data_type in _FLOAT_TYPES:
+                        add_parameter(source, "norm")
 
         # Every constant value name (initializers, Constant outputs) -> a parameter or buffer.
         param_by_name = {src.name: key for key, src in self.sources.items()}
@@ -243,6 +258,7 @@ class OnnxModule(nn.Module):
         fused_at = {id(f.nodes[-1]): f for f in fusions}  # a chain runs where its last node was
         inside = {id(n) for f in fusions for n in f.nodes[:-1]}
         ordered = []
+        kernels: dict[int, OpFn] = {}  # stand-in node -> its kernel
         for node in nodes:
             if id(node) in inside:
                 continue
@@ -251,8 +267,9 @@ class OnnxModule(nn.Module):
                 ordered.append(node)
             else:  # a stand-in node, so errors name the chain and its last node
                 ordered.append(onnx.helper.make_node(
-                    f"fused {fusion.kind}", [fusion.x], [fusion.output],
+                    f"fused {fusion.kind}", [fusion.x, *fusion.extra], [fusion.output],
                     name=f"{node.name or fusion.output} (fused {fusion.kind} of {len(fusion.nodes)} nodes)"))
+                kernels[id(ordered[-1])] = _fused_fn(KERNELS[fusion.kind], dict(fusion.attrs))
         last_use: dict[str, int] = {}
         for i, node in enumerate(ordered):
             for name in node.input:
@@ -262,8 +279,8 @@ class OnnxModule(nn.Module):
         steps = []
         for i, node in enumerate(ordered):
             domain = "" if node.domain in ("", "ai.onnx") else node.domain
-            if node.op_type.startswith("fused "):
-                fn, opset = _fused_fn(KERNELS[node.op_type.split()[1]]), 0
+            if id(node) in kernels:
+                fn, opset = kernels[id(node)], 0
             else:
                 opset = opsets.get(domain, 1)
                 fn = resolve(domain, node.op_type, opset)

@@ -7,6 +7,7 @@ from collections import Counter
 
 import hypothesis.extra.numpy as hnp
 import numpy as np
+import onnx
 import pytest
 import torch
 from hypothesis import given, settings
@@ -175,3 +176,102 @@ def test_a_tuned_bias_is_never_folded_into_a_kernel():
     module.run({"x": torch.from_numpy(x)})["y"].sum().backward()
     bias = module.parameters_by_role("bias")
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in bias.values())
+
+
+# -- LayerNorm as torch's exporter writes it below opset 17 --------------------------------
+
+
+def _spelled_layer_norm(opset=13, *, square="Pow", affine=("g", "b"), axes=(-1,), var_axes=None):
+    def mean(inp, out, ax):
+        if opset >= 18:
+            return helper.make_node("ReduceMean", [inp, f"{out}_axes"], [out])
+        return helper.make_node("ReduceMean", [inp], [out], axes=list(ax))
+
+    nodes = [mean("x", "m", axes), helper.make_node("Sub", ["x", "m"], ["d"]),
+             helper.make_node("Pow", ["d", "two"], ["p"]) if square == "Pow" else helper.make_node("Mul", ["d", "d"], ["p"]),
+             mean("p", "v", var_axes or axes), helper.make_node("Add", ["v", "eps"], ["a"]),
+             helper.make_node("Sqrt", ["a"], ["s"]), helper.make_node("Div", ["d", "s"], ["n" if affine else "y"])]
+    if "g" in affine:
+        nodes.append(helper.make_node("Mul", ["n", "g"], ["h" if "b" in affine else "y"]))
+    if "b" in affine:
+        nodes.append(helper.make_node("Add", ["h", "b"], ["y"]))
+    rng = np.random.default_rng(1)
+    constants = {"two": 2.0, "eps": 1e-5, "g": rng.uniform(0.5, 1.5, 5), "b": rng.normal(size=5)}
+    if opset >= 18:
+        constants["m_axes"] = np.array(axes, np.int64)
+        constants["v_axes"] = np.array(var_axes or axes, np.int64)
+    return nodes, {k: v for k, v in constants.items() if k not in ("g", "b") or k in affine}
+
+
+def _model_with_ints(nodes, *, opset, constants, **kw):
+    model = _model(nodes, opset=opset, constants={k: v for k, v in constants.items() if not k.endswith("_axes")}, **kw)
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items() if k.endswith("_axes"))
+    return model
+
+
+@pytest.mark.parametrize("opset,square,affine,axes", [
+    (13, "Pow", ("g", "b"), (-1,)), (18, "Pow", ("g", "b"), (-1,)), (13, "Mul", ("g", "b"), (-1,)),
+    (13, "Pow", (), (-1,)), (13, "Pow", ("g",), (-1,)), (13, "Pow", ("g", "b"), (-2, -1)),
+])
+def test_a_spelled_out_layer_norm_is_one_kernel_with_its_scale_and_shift_tuned(opset, square, affine, axes):
+    nodes, constants = _spelled_layer_norm(opset, square=square, affine=affine, axes=axes)
+    if axes == (-2, -1):
+        constants.update(g=np.ones((4, 5)) * 1.25, b=np.full((4, 5), -0.5))  # scale over both axes
+    model = _model_with_ints(nodes, opset=opset, constants=constants)
+    module = OnnxModule(model)
+    assert module.fusions == Counter({"layer_norm": 1})
+    # the scale and shift are normalisation parameters, tuned like LayerNormalization's
+    assert sorted(s.name for s in module.sources.values() if s.role == "norm") == sorted(affine)
+    x = np.random.default_rng(0).normal(2.0, 3.0, (2, 3, 4, 5)).astype(np.float32)
+    reference, ours = run_both(model, {"x": x})
+    assert_close(reference, ours, rtol=1e-5, atol=1e-5)
+    grads = []
+    for keep in ((), ("s",)):  # the node-by-node plan, for the gradients to compare
+        module.zero_grad()
+        xt = torch.from_numpy(x).requires_grad_()
+        out = module.run({"x": xt}, keep=keep)
+        (out["y"] * torch.linspace(-1, 1, out["y"].numel()).reshape(out["y"].shape)).sum().backward()
+        grads.append([xt.grad, *(p.grad for p in module.parameters())])
+    for fused, nodewise in zip(*grads):
+        torch.testing.assert_close(fused, nodewise, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["positive axes", "mean and variance over different axes", "eps computed"])
+def test_layer_norms_it_cannot_prove_are_left_to_the_nodes(case):
+    kw = {"axes": (3,)} if case == "positive axes" else {}
+    if case == "mean and variance over different axes":
+        kw = {"axes": (-1,), "var_axes": (-2, -1)}
+    nodes, constants = _spelled_layer_norm(13, **kw)
+    if case == "eps computed":
+        nodes = [helper.make_node("Abs", ["eps"], ["eps_abs"]), *nodes]
+        nodes[5] = helper.make_node("Add", ["v", "eps_abs"], ["a"])
+    model = _model_with_ints(nodes, opset=13, constants=constants)
+    module = OnnxModule(model)
+    assert module.fusions == Counter()
+    assert not any(s.role == "norm" for s in module.sources.values())
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
+    reference, ours = run_both(model, {"x": x})
+    assert_close(reference, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_a_spelled_out_layer_norms_scale_and_shift_are_tuned_and_written_back(tmp_path):
+    from fcpts_onnx import sparsify
+    from fcpts_onnx.learner.options import LearnOptions
+
+    rng = np.random.default_rng(0)
+    nodes, constants = _spelled_layer_norm(13)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["x1"]), *nodes, helper.make_node("MatMul", ["y", "W2"], ["out"])]
+    for node in nodes[1:3]:  # the LayerNorm reads the first MatMul's output
+        node.input[:] = ["x1" if i == "x" else i for i in node.input]
+    constants.update(W=rng.normal(size=(16, 5)), W2=rng.normal(size=(5, 8)))
+    model = _model(nodes, opset=13, constants=constants, outputs=("out",), x_shape=("n", 16))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("out", helper.TensorProto.FLOAT, ["n", 8]))
+    onnx_path = tmp_path / "ln.onnx"
+    onnx_path.write_bytes(model.SerializeToString())
+    report = sparsify(onnx_path, tmp_path / "ln.sparse.onnx", {"x": rng.normal(size=(64, 16)).astype(np.float32)},
+                      sparsity=0.5, method="global", reconstruct=True, learn=LearnOptions(iters=20, seed=0),
+                      report_path=False)
+    written = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "ln.sparse.onnx")).graph.initializer}
+    for name in ("g", "b"):
+        assert not np.array_equal(written[name], np.asarray(constants[name], np.float32)), name
+    assert report.achieved_sparsity == pytest.approx(0.5, abs=1 / (16 * 5 + 5 * 8))
