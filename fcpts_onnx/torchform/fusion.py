@@ -48,6 +48,9 @@ class Fusion:
     nodes: tuple[onnx.NodeProto, ...]
     extra: tuple[str, ...] = ()  # further tensor inputs (a LayerNorm's scale and shift)
     attrs: tuple[tuple[str, object], ...] = ()
+    # The rank of the chain's highest-rank constant: a [1, 1, 1] "3" broadcast against a
+    # lower-rank x gives the chain's output that rank, which the kernel's output must take too.
+    rank: int = 0
 
     @property
     def hidden(self) -> set[str]:
@@ -348,7 +351,9 @@ def find_fusions(nodes: Sequence[onnx.NodeProto], constant: Callable[[str], np.n
             if match is None:
                 continue
             members = {id(n) for n in match.nodes}
-            fusion = Fusion(kind, match.x, end.output[0], match.nodes, match.extra, match.attrs)
+            floats = [g.constant(name) for node in match.nodes for name in node.input if name not in match.extra]
+            rank = max((c.ndim for c in floats if c is not None and c.dtype.kind == "f"), default=0)
+            fusion = Fusion(kind, match.x, end.output[0], match.nodes, match.extra, match.attrs, rank)
             private = all(name not in outputs and set(consumers.get(name, [])) <= members
                           for name in fusion.hidden)
             if private and not members & taken and all(len(n.output) == 1 for n in match.nodes):

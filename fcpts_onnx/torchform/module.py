@@ -9,6 +9,7 @@ their last use to keep memory close to the native module's.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -118,9 +119,11 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     raise UnsupportedModelError(f"Constant node {node.name!r} with attribute {attr.name} is not supported")
 
 
-def _fused_fn(kernel: Callable, attrs: dict) -> OpFn:
+def _fused_fn(kernel: Callable, attrs: dict, rank: int) -> OpFn:
     def run_fused(ctx, x, *extra):
-        return kernel(x, *extra, **attrs)
+        out = kernel(x, *extra, **attrs)
+        # the chain's constants broadcast its output up to their rank
+        return out.reshape((1,) * (rank - out.dim()) + tuple(out.shape)) if out.dim() < rank else out
 
     return run_fused
 
@@ -187,7 +190,11 @@ class OnnxModule(nn.Module):
             # scale and shift in a Mul and an Add; they are normalisation parameters all the same.
             def stored(name: str) -> np.ndarray | None:
                 source, _ = index.resolve(name)
-                return None if source is None else onnx.numpy_helper.to_array(source.tensor(model))
+                tensor = None if source is None else source.tensor(model)
+                # the patterns' constants are scalars and axis lists: large tensors are not decoded
+                if tensor is None or math.prod(tensor.dims) > 64:
+                    return None
+                return onnx.numpy_helper.to_array(tensor)
 
             nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.domain in ("", "ai.onnx"))]
             for fusion in find_fusions(nodes, stored, opsets, self.output_names):
@@ -269,7 +276,7 @@ class OnnxModule(nn.Module):
                 ordered.append(onnx.helper.make_node(
                     f"fused {fusion.kind}", [fusion.x, *fusion.extra], [fusion.output],
                     name=f"{node.name or fusion.output} (fused {fusion.kind} of {len(fusion.nodes)} nodes)"))
-                kernels[id(ordered[-1])] = _fused_fn(KERNELS[fusion.kind], dict(fusion.attrs))
+                kernels[id(ordered[-1])] = _fused_fn(KERNELS[fusion.kind], dict(fusion.attrs), fusion.rank)
         last_use: dict[str, int] = {}
         for i, node in enumerate(ordered):
             for name in node.input:

@@ -275,3 +275,19 @@ def test_a_spelled_out_layer_norms_scale_and_shift_are_tuned_and_written_back(tm
     for name in ("g", "b"):
         assert not np.array_equal(written[name], np.asarray(constants[name], np.float32)), name
     assert report.achieved_sparsity == pytest.approx(0.5, abs=1 / (16 * 5 + 5 * 8))
+
+
+@pytest.mark.parametrize("name", ["paddle2onnx: Div(Mul(x, relu6(x+3)), 6)", "torch legacy GELU: Mul(Mul(x, Add(Erf(Div(x, sqrt 2)), 1)), 0.5)"])
+def test_constants_of_higher_rank_give_the_fused_output_their_rank(name):
+    # a [1, 1, 1] constant broadcast against x of shape [5] makes the chain's output [1, 1, 5]
+    nodes, opset, kind = SPELLINGS[name]
+    constants = {k: np.full((1, 1, 1), v, np.float32) for k, v in _SCALARS.items() if k not in ("zero", "six")}
+    constants.update(zero=0.0, six=6.0)  # Clip's bounds must be scalars
+    if kind == "gelu":
+        constants["six"] = np.full((1, 1, 1), 6.0, np.float32)
+    model = _model(nodes, opset=opset, constants=constants, x_shape=(5,))
+    assert OnnxModule(model).fusions == Counter({kind: 1})
+    x = np.linspace(-5, 5, 5, dtype=np.float32)
+    reference, ours = run_both(model, {"x": x})
+    assert ours["y"].shape == reference["y"].shape == (1, 1, 5)
+    assert_close(reference, ours)
