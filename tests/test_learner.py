@@ -48,10 +48,11 @@ def make_learner(model, target=0.7, seed=0, n_samples=96, n_train=80, **opts):
     initial = allocate("erk", problem)
     rng = np.random.default_rng(123)
     x = torch.from_numpy(rng.standard_normal((n_samples, 16)).astype(np.float32))
+    clock_start = opts.pop("clock_start", None)
     options = LearnOptions(**({"iters": 20, "batch_size": 16, "seed": seed} | opts))
     nodes = model.graph.node
     learner = Learner(module, found.weights, problem, initial, {"x": x[:n_train]}, {"x": x[n_train:]}, options,
-                      attrs_of=lambda i: {a.name: a.i for a in nodes[i].attribute})
+                      attrs_of=lambda i: {a.name: a.i for a in nodes[i].attribute}, clock_start=clock_start)
     return learner, problem, initial, module
 
 
@@ -231,8 +232,9 @@ def test_weights_pruned_all_run_keep_their_values(learn_thresholds):
     """Weight decay acts on kept weights only. Adam normalises each step, so decay in a pruned
     weight's otherwise zero gradient moved it to zero by about lr a step, and a layer whose
     threshold fell could revive only near-zero weights."""
+    # evaluated every step, so the best snapshot (which fit() restores) is one that learned
     learner, *_ = make_learner(mlp(), iters=30, lr=1e-2, weight_decay=0.1, final_tune_fraction=0.0,
-                               learn_thresholds=learn_thresholds)
+                               learn_thresholds=learn_thresholds, eval_every=1)
     original = {layer.key: layer.weight.detach().clone() for layer in learner.layers}
 
     def pruned_now():
@@ -731,6 +733,26 @@ def test_a_budget_sized_run_repeats_with_its_repeat_iters(reconstruct):
     assert a.train_loss["last"] == b.train_loss["last"]
     for p, q in zip(sized.module.parameters(), again.module.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_budget_sized_run_ends_within_its_budget_counted_from_its_clock_start():
+    """The budget counts from clock_start (the stage's start: build, parity check, memory plan),
+    and the plan counts the start trials and every held-out evaluation, so the run ends inside
+    it (the plan keeps a 10% margin; 10% more is allowed here for a noisy machine) and still
+    uses most of what was left."""
+    import time
+
+    budget, spent_before = 5.0, 2.0
+    clock_start = time.perf_counter() - spent_before  # as if the stage had spent 2 s before the learner
+    learner, problem, *_ = make_learner(mlp(), reconstruct=True, refine=False, iters=None, time_budget=budget,
+                                        clock_start=clock_start)
+    learner.choose_start({name: allocate(name, problem) for name in ("erk", "global", "uniform")})
+    result = learner.fit()
+    ended = time.perf_counter() - clock_start
+    assert learner.start_trial_steps > 0 and result.steps > 50
+    assert ended <= 1.1 * budget, f"ended {ended:.2f} s after the clock started, budget {budget} s"
+    assert ended >= spent_before + 0.4 * (budget - spent_before), f"used only {ended:.2f} s of {budget} s"
+    assert result.step_median_s is not None and 0 < result.step_median_s < result.seconds
 
 
 def test_refinement_is_skipped_where_one_sweep_cannot_fit_its_share_of_the_time():

@@ -272,12 +272,13 @@ class LearnResult:
     learned_sparsity: list[float]  # before projection (thresholds at the chosen snapshot)
     steps: int
     seconds: float
-    step_time_s: float
+    step_time_s: float  # the learning after the start trials, its evaluations included
     best_step: int
     train_loss: dict
     holdout_curve: list[tuple[int, float]] = field(default_factory=list)
     final_holdout_loss: float | None = None
     dense_holdout_loss: float = 0.0
+    step_median_s: float | None = None
 
 
 # A run sized by time first times steps at learning rate 0. The first ones are slow (oneDNN
@@ -315,8 +316,12 @@ class Learner:
     def __init__(self, module, weights: Sequence[PrunableWeight], problem: AllocationProblem,
                  initial_counts: np.ndarray, train: Mapping[str, torch.Tensor],
                  holdout: Mapping[str, torch.Tensor], options: LearnOptions, *,
-                 attrs_of: Callable[[int], dict], progress: Callable | None = None, auto_batch: bool = False):
-        self.created = time.perf_counter()  # the time budget covers the teacher pass and the start choice
+                 attrs_of: Callable[[int], dict], progress: Callable | None = None, auto_batch: bool = False,
+                 clock_start: float | None = None):
+        # The time budget counts from clock_start (the learn stage's start: building the trainable
+        # form, its parity check and the memory plan), else from now; the teacher pass and the
+        # start choice come out of it too.
+        self.clock_start = time.perf_counter() if clock_start is None else clock_start
         self.module = module
         self.problem = problem
         if options.batch_size is None:
@@ -1031,7 +1036,8 @@ class Learner:
                 layer.refresh()
         return times
 
-    def _choose_batch(self, best: dict, learn: bool, wanted: int, steps_that_fit: Callable[[float], int]) -> list[float]:
+    def _choose_batch(self, best: dict, learn: bool, wanted: int,
+                      steps_that_fit: Callable[[float, int], int]) -> list[float]:
         """The learning batch of a run sized by time when --batch-size was not given: the
         largest of options.batch_size, its half, quarter, ... (not below batch_floor) at which
         ``wanted`` steps fit, else the smallest. Returns the probe's step times at that batch.
@@ -1056,14 +1062,14 @@ class Learner:
             # a batch takes at most the whole learning split
             per_sample = probed[chosen] / min(chosen, self.n_train)
             could_fit = [size for size in sizes if chosen < size and (too_slow is None or size < too_slow)
-                         and steps_that_fit(per_sample * min(size, self.n_train)) >= wanted]
+                         and steps_that_fit(per_sample * min(size, self.n_train), size) >= wanted]
             if not could_fit:
                 break
             size = could_fit[-1]
             self._set_batch(size)
             times = self._probe(best, learn)
             probed[size] = float(np.min(times[-3:]))
-            if steps_that_fit(probed[size]) >= wanted:
+            if steps_that_fit(probed[size], size) >= wanted:
                 chosen, chosen_times = size, times
             else:
                 too_slow = size
@@ -1074,6 +1080,12 @@ class Learner:
 
     def _set_batch(self, size: int) -> None:
         self.options = replace(self.options, batch_size=size)
+
+    def _eval_interval(self, iters: int) -> int:
+        """Steps between held-out evaluations in a run of ``iters`` learning steps: at most 25 of
+        them (and one at the end). ``iters // 25`` made it up to 49: ResNet-18's 64 steps at
+        2.7 s evaluated every other step, 1.6 s each, a third of the learning's time."""
+        return self.options.eval_every or max(1, -(-iters // 25))
 
     def plan_iters(self) -> int:
         """Steps to run: --iters; else as many as the time budget allows at the measured step
@@ -1132,12 +1144,44 @@ class Learner:
             # the default schedule: DEFAULT_ITERS learning steps and the other start trials
             wanted = DEFAULT_ITERS + trial_steps(DEFAULT_ITERS) * max(n_starts - 1, 0)
 
-            def steps_that_fit(step_time: float) -> int:
-                remaining = self.budget_s - (time.perf_counter() - self.created)
+            n_holdout = max(1, next(iter(self.holdout.values())).shape[0])
+            sample_eval_time = holdout_eval_time / n_holdout
+
+            def planned_seconds(learning: int, step_time: float, batch: int) -> float:
+                """The rest of a run of ``learning`` steps: its steps and the other start trials'
+                at ``step_time`` each, its held-out evaluations, the start trials' evaluations of
+                the learning rows none of them learned from, and where the batch changes, the
+                start choice again. Planning for 25 evaluations and no more left ResNet-18 26 s
+                (6%) over its 420 s: its start trials evaluated 4 x 2 x 70 unseen rows, and the
+                build and parity check came before the clock started."""
+                trial = trial_steps(learning)
+                seconds = (learning + trial * max(n_starts - 1, 0)) * step_time
+                evaluations = -(-learning // self._eval_interval(learning)) + 1 + (n_starts if trial else 0)
+                if batch != self.eval_batch:
+                    evaluations += len(self.start_candidates) + 1
+                seconds += evaluations * eval_time
+                if trial:
+                    seconds += 2 * n_starts * max(0, self.n_train - trial * batch) * sample_eval_time
+                return seconds
+
+            def steps_that_fit(step_time: float, batch: int) -> int:
+                """The steps, start trials included, of the longest run that fits in what is left
+                of the budget with a 10% margin (at least 5)."""
+                remaining = self.budget_s - (time.perf_counter() - self.clock_start)
                 if refine:  # the pair exchanges at the end get their share
                     remaining *= 1 - REFINE_SHARE
-                # about 25 held-out evaluations, and a 10% margin
-                return max(5, int(0.9 * (remaining - 25 * eval_time) / step_time))
+                usable = 0.9 * remaining
+                # bisection: lo fits (or is 1), hi does not; the evaluations' count is not monotone
+                # in the steps (49 steps evaluate 49 times, 50 steps 25), so lo fits but need not
+                # be the longest run that does
+                lo, hi = 1, max(2, int(usable / step_time) + 1)
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    if planned_seconds(mid, step_time, batch) <= usable:
+                        lo = mid
+                    else:
+                        hi = mid
+                return max(5, lo + trial_steps(lo) * max(n_starts - 1, 0))
 
             if self.batch_floor is not None:
                 times = self._choose_batch(best, learn, wanted, steps_that_fit)
@@ -1161,7 +1205,7 @@ class Learner:
             # step down. A default MNIST run on a loaded machine once planned 167 steps instead of
             # 360 from the mean over the probe; PP-LCNet's probe ended 3.4, 2.6, 3.8 s against a
             # median of 1.8 s over the run's own steps.
-            fit = steps_that_fit(float(np.min(times[-3:])))
+            fit = steps_that_fit(float(np.min(times[-3:])), self.options.batch_size)
             # the start trials come out of the budget; by default at most the default schedule
             total = fit
             if opts.time_budget is None:
@@ -1205,20 +1249,21 @@ class Learner:
                     best = continued.best
                 self._losses[:] = continued.losses
                 done = trial
-        eval_every = opts.eval_every or max(1, iters // 25)
+        eval_every = self._eval_interval(iters)
         self.total_steps = step + iters - done
         self.learning_iters = iters
         t_loop = time.perf_counter()
+        loop_times: list[float] = []
         step = self._run_phase(iters - done, learn_thresholds=learn, reconstruct=opts.reconstruct,
                                eval_every=eval_every, phase="learn" if learn else "reconstruct",
                                start_step=step, best=best, freeze_at=freeze_at, schedule_iters=iters,
-                               state=None if continued is None else continued.phase)
+                               state=None if continued is None else continued.phase, step_times=loop_times)
         loop_steps = iters - done
         self._restore(best["snap"])
         step_time = (time.perf_counter() - t_loop) / max(1, loop_steps)
         if refine:
             budget = self.budget_s if self.budget_s is not None else opts.time_budget
-            deadline = (self.created + budget if budget is not None
+            deadline = (self.clock_start + budget if budget is not None
                         else time.perf_counter() + REFINE_SHARE * DEFAULT_TIME_BUDGET)
             self._refine(best, deadline)
         self._use_fixed(best["masks"])
@@ -1233,4 +1278,5 @@ class Learner:
                         "curve": [float(np.mean(losses[i:i + max(1, len(losses) // 20)]))
                                   for i in range(0, len(losses), max(1, len(losses) // 20))]},
             holdout_curve=self.holdout_curve, final_holdout_loss=best["loss"], dense_holdout_loss=dense_holdout,
+            step_median_s=float(np.median(loop_times)) if loop_times else None,
         )

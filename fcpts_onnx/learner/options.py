@@ -61,7 +61,7 @@ class LearnOptions:
             [N, classes, H, W]); outputs with it are compared as distributions along it, per
             position, in the loss and in the fidelity report. None: the last axis of softmax
             outputs and axis 1 of 2-D logits.
-        eval_every: steps between held-out evaluations (None: about 20 per run).
+        eval_every: steps between held-out evaluations (None: at most 25 per run, and one at the end).
         final_tune_fraction: share of iters at the end in which the allocation is frozen (projected
             once) and only the weights keep learning (fcpts with reconstruction).
         start_trial_fraction: share of iters spent choosing the start (fcpts with reconstruction

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -69,6 +70,7 @@ def learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, tr
 def _learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, train_idx: np.ndarray,
            holdout_idx: np.ndarray, problem: AllocationProblem, method: str, reconstruct: bool,
            options: LearnOptions, device: str, quiet: bool, memory_limit: int) -> StageResult:
+    clock_start = time.perf_counter()  # the time budget covers the whole stage
     train = calibration.take(train_idx)
     trainable = build_trainable(loaded, found, train, device=device)
     module = trainable.module
@@ -101,7 +103,8 @@ def _learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, t
     try:
         learner = Learner(module, found.weights, problem, initial, train_tensors,
                           to_device(calibration.take(holdout_idx)), LearnOptions(**run_options),
-                          attrs_of=attrs_of, progress=update, auto_batch=auto_batch)
+                          attrs_of=attrs_of, progress=update, auto_batch=auto_batch,
+                          clock_start=clock_start)
         start_losses = learner.choose_start(candidates) if len(candidates) > 1 else {}
         result = learner.fit()
     finally:
@@ -149,6 +152,8 @@ def _learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, t
         "best_step": result.best_step,
         "seconds": round(result.seconds, 3),
         "step_time_s": round(result.step_time_s, 5),
+        # the median learning step after the start trials, held-out evaluations left out
+        "step_median_s": None if result.step_median_s is None else round(result.step_median_s, 5),
         "initial_allocation": learner.start_name if len(candidates) > 1 else next(iter(candidates)),
         "start_candidates_holdout_loss": start_losses,
         # with reconstruction: each candidate's held-out loss after start_trial_steps of tuning
