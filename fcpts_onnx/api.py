@@ -265,6 +265,15 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
                          f"steps{' (start trials included)' if choice['wanted_steps'] != DEFAULT_ITERS else ''} "
                          f"in the time budget; --batch-size fixes the batch "
                          f"(--iters {learning['repeat_iters']} --batch-size {choice['chosen']} repeats this run)")
+        budget, spent = learning["time_budget_s"], learning["budget_spent_at_plan_s"]
+        if budget is not None and spent is not None and timer.seconds["learn"] > 1.1 * budget:
+            def secs(x: float) -> str:
+                return f"{x:.0f} s" if x >= 10 else f"{x:.1f} s"
+
+            notes.append(f"learning took {secs(timer.seconds['learn'])} against a time budget of {secs(budget)}: "
+                         f"{secs(spent)} went before the run could be sized (building and checking the trainable "
+                         "form, the dense outputs, choosing the start, timing steps), and a run takes at least "
+                         "5 steps; give --time-budget more seconds, or --iters N for a fixed number of steps")
         if learning["limited_by_default_budget"]:
             notes.append(f"learning ran {learning['steps']} steps ({learning['step_time_s']:.2g} s each), "
                          f"as many as fit in the default {learning['time_budget_s']:.0f} s; "

@@ -700,6 +700,31 @@ def test_refinement_from_the_command_line(tmp_path, capfd, flags, refined):
         assert learning["refinement"]["evaluations"] > 0 and learning["refinement"]["converged"]
 
 
+@pytest.mark.parametrize("budget, noted", [(0.01, True), (None, False)])
+def test_a_time_budget_too_short_for_the_work_before_the_first_step_is_noted(tmp_path, capfd, budget, noted):
+    import json
+
+    from fcpts_onnx.cli import main
+
+    rng = np.random.default_rng(1)
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp(), str(path))
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(60, 16)).astype(np.float32))
+    flags = ["--time-budget", str(budget)] if budget is not None else ["--iters", "5"]
+    code = main(["optimize", str(path), "--calib", str(tmp_path / "calib.npz"), "--sparsity", "0.7",
+                 "--no-refine", "-o", str(tmp_path / "out.onnx"), *flags])
+    out = capfd.readouterr()
+    assert code == 0, out.err
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    learning = report["learning"]
+    assert (learning["budget_spent_at_plan_s"] is not None) is (budget is not None)
+    note = [n for n in report["notes"] if "against a time budget of" in n]
+    assert bool(note) is noted
+    if noted:
+        assert learning["steps"] >= 5 and learning["budget_spent_at_plan_s"] > budget
+        assert "give --time-budget more seconds, or --iters N" in note[0] and note[0] in out.out
+
+
 def test_probe_settles_once_the_step_time_stops_falling():
     from fcpts_onnx.learner.fcpts import PROBE_MAX_STEPS, probe_settled
 

@@ -363,6 +363,9 @@ class Learner:
         self.start_trial_continued = False  # the run went on from its chosen start's trial
         self.probe_step_times: list[float] | None = None  # a run sized by time: the steps timed first
         self.learning_iters = 0  # the steps after the start trials: --iters for this run
+        # a run sized by time: seconds of its budget gone when it was sized (build, parity check,
+        # teacher outputs, start choice, timing probe)
+        self.budget_spent_at_plan: float | None = None
         self._set_start(np.asarray(initial_counts, dtype=np.int64))
         self.total_steps = 0
         self.protection_relaxed = False
@@ -1206,6 +1209,7 @@ class Learner:
             # 360 from the mean over the probe; PP-LCNet's probe ended 3.4, 2.6, 3.8 s against a
             # median of 1.8 s over the run's own steps.
             fit = steps_that_fit(float(np.min(times[-3:])), self.options.batch_size)
+            self.budget_spent_at_plan = time.perf_counter() - self.clock_start
             # the start trials come out of the budget; by default at most the default schedule
             total = fit
             if opts.time_budget is None:

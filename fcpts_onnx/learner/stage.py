@@ -147,6 +147,9 @@ def _learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, t
         # the default number of steps short
         "time_budget_s": learner.budget_s,
         "limited_by_default_budget": learner.limited_by_budget,
+        # seconds of the budget spent before the run was sized (None with --iters)
+        "budget_spent_at_plan_s": None if learner.budget_spent_at_plan is None
+        else round(learner.budget_spent_at_plan, 3),
         # a run sized by time: the steps timed at learning rate 0 before planning (seconds each)
         "timing_probe_s": learner.probe_step_times,
         "best_step": result.best_step,
