@@ -19,6 +19,10 @@ gradient (-0.5 and 1.5 times it) and torch's kernel takes the derivative from th
 not sit on. The parity check against onnxruntime covers the fused form, since that is the
 form that runs.
 
+Normalisations written out node by node fuse the same way: a LayerNorm (torch's exporter
+below opset 17, paddle2onnx) as ``F.layer_norm``, an RMSNorm (torch's exporters below opset 23)
+as ``F.rms_norm``; their scale and shift stay visible as tuned parameters (OnnxModule).
+
 A chain is fused only when its constants are exactly the values the pattern needs (stored
 constants, not tuned parameters) and its inner values are used nowhere else and are not graph
 outputs, so nothing else in the graph can see that they are gone.
@@ -305,6 +309,86 @@ def _layer_norm(g: _Graph, end: onnx.NodeProto) -> _Match | None:
     return _Match(found.x, (*found.nodes, *tail), extra, found.attrs)
 
 
+def _reciprocal_sqrt(g: _Graph, value: str) -> tuple[onnx.NodeProto, ...] | None:
+    """value = 1 / Sqrt(a): Reciprocal(Sqrt(a)) (torch's rsqrt, both exporters) or
+    Div(1, Sqrt(a)) (the legacy exporter at some opsets); the nodes, Sqrt first."""
+    node = g.node(value, "Reciprocal", "Div")
+    if node is None:
+        return None
+    if node.op_type == "Div" and (len(node.input) != 2 or not _is(g.scalar(node.input[0]), 1.0)):
+        return None
+    sqrt = g.node(node.input[-1], "Sqrt")
+    return None if sqrt is None else (sqrt, node)
+
+
+def _rms_normalized(g: _Graph, value: str) -> _Match | None:
+    """value = x / sqrt(mean(x^2) + eps) over the last axes, as x * rsqrt(...) or a Div:
+    how torch's exporters write an RMSNorm (LLaMA's, T5's) below opset 23."""
+    node = g.node(value, "Mul", "Div")
+    if node is None or len(node.input) != 2:
+        return None
+    options = []  # (x, the nodes from Sqrt to this one)
+    if node.op_type == "Div":
+        sqrt = g.node(node.input[1], "Sqrt")
+        if sqrt is not None:
+            options.append((node.input[0], (sqrt, node)))
+    else:
+        for x, other in _binary_operands(node):
+            inverse = _reciprocal_sqrt(g, other)
+            if inverse is not None:
+                options.append((x, (*inverse, node)))
+    for x, tail in options:
+        add = g.node(tail[0].input[0], "Add")
+        for variance, eps_name in _binary_operands(add) if add is not None else ():
+            eps = g.scalar(eps_name)
+            var_mean = g.node(variance, "ReduceMean")
+            square = g.node(var_mean.input[0], "Pow", "Mul") if var_mean is not None else None
+            if eps is None or eps < 0 or square is None:
+                continue
+            if square.op_type == "Pow":
+                squared = list(square.input) == [x, square.input[1]] and _is(g.scalar(square.input[1]), 2.0)
+            else:
+                squared = list(square.input) == [x, x]
+            dims = _reduce_mean_last_axes(g, var_mean)
+            if squared and dims is not None:
+                return _Match(x, (square, var_mean, add, *tail), attrs=(("dims", dims), ("eps", eps)))
+    return None
+
+
+def _float_cast(g: _Graph, value: str) -> onnx.NodeProto | None:
+    """A Cast to float32 that produced ``value``."""
+    node = g.node(value, "Cast")
+    return node if node is not None and _attr(node, "to") == onnx.TensorProto.FLOAT else None
+
+
+def _rms_norm(g: _Graph, end: onnx.NodeProto) -> _Match | None:
+    """normalized(x) * scale, the scale optional. torch's legacy exporter writes LLaMA's
+    ``weight * (x * rsqrt(...)).to(dtype)`` with Cast(to=float) around the normalisation; the
+    one after it is taken into the chain only where x itself comes from a Cast to float, so it
+    changes nothing."""
+    if end.op_type == "Mul":
+        for inner, scale in _binary_operands(end):
+            cast = _float_cast(g, inner)
+            found = _rms_normalized(g, cast.input[0] if cast is not None else inner)
+            if found is None or (cast is not None and _float_cast(g, found.x) is None):
+                continue
+            nodes = (*found.nodes, *((cast,) if cast is not None else ()), end)
+            if scale not in {out for node in nodes for out in node.output}:  # the scale is not the chain's own
+                return _Match(found.x, nodes, (scale,), found.attrs)
+    return _rms_normalized(g, end.output[0])
+
+
+def rms_norm(x, scale=None, *, dims: int, eps: float):
+    shape = tuple(x.shape[x.dim() - dims:])
+    if scale is not None and tuple(scale.shape) == shape:
+        return F.rms_norm(x, shape, scale, eps)
+    y = F.rms_norm(x, shape, eps=eps)  # a scale that broadcasts some other way
+    return y if scale is None else y * scale
+
+
+KERNELS["rms_norm"] = rms_norm
+
+
 def layer_norm(x, scale=None, shift=None, *, dims: int, eps: float):
     shape = tuple(x.shape[x.dim() - dims:])
     if scale is not None and tuple(scale.shape) == shape and (shift is None or tuple(shift.shape) == shape):
@@ -324,6 +408,7 @@ PATTERNS: dict[str, Callable[[_Graph, onnx.NodeProto], _Match | None]] = {
     "silu": _silu,
     "gelu": _gelu,
     "layer_norm": _layer_norm,
+    "rms_norm": _rms_norm,
 }
 
 

@@ -186,8 +186,9 @@ class OnnxModule(nn.Module):
         if "bias" in tune:
             self._add_matmul_biases(model, index, add_parameter)
         if "norm" in tune:
-            # A LayerNorm written out node by node (torch's exporter below opset 17) has its
-            # scale and shift in a Mul and an Add; they are normalisation parameters all the same.
+            # A LayerNorm or RMSNorm written out node by node (torch's exporters below opsets 17
+            # and 23) has its scale (and shift) in a Mul (and an Add); they are normalisation
+            # parameters all the same.
             def stored(name: str) -> np.ndarray | None:
                 source, _ = index.resolve(name)
                 tensor = None if source is None else source.tensor(model)
@@ -198,7 +199,7 @@ class OnnxModule(nn.Module):
 
             nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.domain in ("", "ai.onnx"))]
             for fusion in find_fusions(nodes, stored, opsets, self.output_names):
-                for name in fusion.extra if fusion.kind == "layer_norm" else ():
+                for name in fusion.extra if fusion.kind in ("layer_norm", "rms_norm") else ():
                     source, _ = index.resolve(name)
                     if source is not None and source.tensor(model).data_type in _FLOAT_TYPES:
                         add_parameter(source, "norm")

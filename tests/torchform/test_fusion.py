@@ -247,8 +247,14 @@ def test_layer_norms_it_cannot_prove_are_left_to_the_nodes(case):
         nodes[5] = helper.make_node("Add", ["v", "eps_abs"], ["a"])
     model = _model_with_ints(nodes, opset=13, constants=constants)
     module = OnnxModule(model)
-    assert module.fusions == Counter()
-    assert not any(s.role == "norm" for s in module.sources.values())
+    if case == "mean and variance over different axes":
+        # d / sqrt(mean(d^2 over -2, -1) + eps) * g with d = x - mean(x over -1) is an RMSNorm of
+        # d over the last two axes, and fuses as one, g its scale; the shift stays a node
+        assert module.fusions == Counter({"rms_norm": 1})
+        assert [s.name for s in module.sources.values() if s.role == "norm"] == ["g"]
+    else:
+        assert module.fusions == Counter()
+        assert not any(s.role == "norm" for s in module.sources.values())
     x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
     reference, ours = run_both(model, {"x": x})
     assert_close(reference, ours, rtol=1e-5, atol=1e-5)
@@ -291,3 +297,142 @@ def test_constants_of_higher_rank_give_the_fused_output_their_rank(name):
     reference, ours = run_both(model, {"x": x})
     assert ours["y"].shape == reference["y"].shape == (1, 1, 5)
     assert_close(reference, ours)
+
+
+def _spelled_rms_norm(opset=13, *, inverse="Reciprocal", square="Pow", scale=True, axes=(-1,), casts=False):
+    """RMSNorm as torch's exporters write it below opset 23: Pow|Mul, ReduceMean, Add eps, Sqrt,
+    then Reciprocal + Mul (rsqrt), Div(1, .) + Mul, or Div(x, .); then Mul by the scale.
+    ``casts``: the legacy exporter's Cast(to=float) before and after (LLaMA's ``.to(dtype)``)."""
+    x = "xc" if casts else "x"
+    nodes = [helper.make_node("Cast", ["x"], ["xc"], to=onnx.TensorProto.FLOAT)] if casts else []
+    nodes.append(helper.make_node("Pow", [x, "two"], ["p"]) if square == "Pow" else helper.make_node("Mul", [x, x], ["p"]))
+    if opset >= 18:
+        nodes.append(helper.make_node("ReduceMean", ["p", "v_axes"], ["v"]))
+    else:
+        nodes.append(helper.make_node("ReduceMean", ["p"], ["v"], axes=list(axes)))
+    nodes += [helper.make_node("Add", ["v", "eps"], ["a"]), helper.make_node("Sqrt", ["a"], ["s"])]
+    normed = "n" if scale or casts else "y"
+    if inverse == "Reciprocal":
+        nodes += [helper.make_node("Reciprocal", ["s"], ["r"]), helper.make_node("Mul", [x, "r"], [normed])]
+    elif inverse == "Div(1, .)":
+        nodes += [helper.make_node("Div", ["one", "s"], ["r"]), helper.make_node("Mul", ["r", x], [normed])]
+    else:
+        nodes.append(helper.make_node("Div", [x, "s"], [normed]))
+    if casts:
+        nodes.append(helper.make_node("Cast", ["n"], ["nc" if scale else "y"], to=onnx.TensorProto.FLOAT))
+    if scale:
+        nodes.append(helper.make_node("Mul", ["g", "nc" if casts else "n"], ["y"]))
+    rng = np.random.default_rng(2)
+    shape = (4, 5) if len(axes) == 2 else (5,)
+    constants = {"two": 2.0, "one": 1.0, "eps": 1e-6, "g": rng.uniform(0.5, 1.5, shape)}
+    if not scale:
+        del constants["g"]
+    if opset >= 18:
+        constants["v_axes"] = np.array(axes, np.int64)
+    return nodes, constants
+
+
+@pytest.mark.parametrize("opset,inverse,square,scale,axes,casts", [
+    (13, "Reciprocal", "Pow", True, (-1,), False), (18, "Reciprocal", "Pow", True, (-1,), False),
+    (13, "Div(1, .)", "Pow", True, (-1,), True), (13, "Div(x, .)", "Mul", True, (-1,), False),
+    (13, "Reciprocal", "Pow", False, (-1,), False), (13, "Reciprocal", "Pow", True, (-2, -1), False),
+])
+def test_a_spelled_out_rms_norm_is_one_kernel_with_its_scale_tuned(opset, inverse, square, scale, axes, casts):
+    nodes, constants = _spelled_rms_norm(opset, inverse=inverse, square=square, scale=scale, axes=axes, casts=casts)
+    model = _model_with_ints(nodes, opset=opset, constants=constants)
+    module = OnnxModule(model)
+    assert module.fusions == Counter({"rms_norm": 1})
+    assert [s.name for s in module.sources.values() if s.role == "norm"] == (["g"] if scale else [])
+    x = np.random.default_rng(0).normal(0.5, 3.0, (2, 3, 4, 5)).astype(np.float32)
+    reference, ours = run_both(model, {"x": x})
+    assert_close(reference, ours, rtol=1e-5, atol=1e-6)
+    grads = []
+    for keep in ((), ("s",)):  # the node-by-node plan, for the gradients to compare
+        module.zero_grad()
+        xt = torch.from_numpy(x).requires_grad_()
+        out = module.run({"x": xt}, keep=keep)
+        (out["y"] * torch.linspace(-1, 1, out["y"].numel()).reshape(out["y"].shape)).sum().backward()
+        grads.append([xt.grad, *(p.grad for p in module.parameters())])
+    for fused, nodewise in zip(*grads):
+        torch.testing.assert_close(fused, nodewise, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["positive axes", "cube, not square", "eps computed", "x not the squared value",
+                                  "cast to float16 after", "cast to float after, x not from a cast"])
+def test_rms_norms_it_cannot_prove_are_left_to_the_nodes(case):
+    nodes, constants = _spelled_rms_norm(13, axes=(3,) if case == "positive axes" else (-1,),
+                                         casts=case.startswith("cast to"))
+    if case == "cube, not square":
+        constants["two"] = 3.0
+    if case == "eps computed":
+        nodes = [helper.make_node("Abs", ["eps"], ["eps_abs"]), *nodes]
+        nodes[3] = helper.make_node("Add", ["v", "eps_abs"], ["a"])
+    if case == "x not the squared value":
+        nodes = [helper.make_node("Neg", ["x"], ["xn"]), *nodes]
+        nodes[-2] = helper.make_node("Mul", ["xn", "r"], ["n"])
+    if case == "cast to float after, x not from a cast":  # then the Cast may convert: it stays a node
+        nodes = nodes[1:]
+        for node in nodes:
+            node.input[:] = ["x" if name == "xc" else name for name in node.input]
+    if case == "cast to float16 after":  # a real Cast: only the normalisation before it may fuse, unscaled
+        nodes[-2] = helper.make_node("Cast", ["n"], ["nh"], to=onnx.TensorProto.FLOAT16)
+        nodes[-1] = helper.make_node("Mul", ["gh", "nh"], ["yh"])
+        nodes.append(helper.make_node("Cast", ["yh"], ["y"], to=onnx.TensorProto.FLOAT))
+    model = _model_with_ints(nodes, opset=13, constants=constants)
+    if case == "cast to float16 after":
+        model.graph.initializer.append(numpy_helper.from_array(constants["g"].astype(np.float16), "gh"))
+    module = OnnxModule(model)
+    if case.startswith("cast to"):  # the normalisation before the Cast, unscaled
+        assert module.fusions == Counter({"rms_norm": 1})
+    else:
+        assert module.fusions == Counter()
+    assert not any(s.name == "g" and s.role == "norm" for s in module.sources.values())
+    x = np.abs(np.random.default_rng(0).normal(size=(2, 3, 4, 5))).astype(np.float32) + 0.1  # a cube's mean > 0
+    reference, ours = run_both(model, {"x": x})
+    assert_close(reference, ours, rtol=1e-3 if case == "cast to float16 after" else 1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_torch_exported_llama_rms_norms_are_fused_and_their_weights_tuned_and_written_back(tmp_path, dynamo):
+    """LLaMA's RMSNorm (``weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)``) as torch's legacy
+    exporter (opset 17, with Casts) and its dynamo exporter (opset 18) write it."""
+    import warnings
+
+    from fcpts_onnx import sparsify
+    from fcpts_onnx.learner.options import LearnOptions
+
+    class RMSNorm(torch.nn.Module):
+        def __init__(self, size):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(size) + 0.5)
+
+        def forward(self, x):
+            dtype = x.dtype
+            x = x.to(torch.float32)
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return self.weight * x.to(dtype)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), RMSNorm(16), torch.nn.Linear(16, 16), RMSNorm(16),
+                                torch.nn.Linear(16, 8)).eval()
+    path = tmp_path / "rms.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(4, 16),), str(path), input_names=["x"], dynamo=dynamo,
+                          opset_version=18 if dynamo else 17, dynamic_axes=None if dynamo else {"x": {0: "n"}},
+                          **({"dynamic_shapes": ({0: torch.export.Dim("n")},)} if dynamo else {}))
+    exported = onnx.load(str(path))
+    module = OnnxModule(exported, prunable=discover(exported).weights)
+    assert module.fusions == Counter({"rms_norm": 2})
+    norms = sorted(s.name for s in module.sources.values() if s.role == "norm")
+    assert len(norms) == 2
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 16)).astype(np.float32)
+    reference, ours = run_both(exported, {"x": x[:8]})
+    assert_close(reference, ours, rtol=1e-5, atol=1e-6)
+    sparsify(path, tmp_path / "rms.sparse.onnx", {"x": x}, sparsity=0.5, method="global", reconstruct=True,
+             learn=LearnOptions(iters=20, seed=0), report_path=False)
+    before = {i.name: numpy_helper.to_array(i) for i in exported.graph.initializer}
+    written = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "rms.sparse.onnx")).graph.initializer}
+    for name in norms:
+        assert not np.array_equal(written[name], before[name]), name
