@@ -251,6 +251,25 @@ def _reduce_mean_last_axes(g: _Graph, node: onnx.NodeProto | None) -> int | None
     return len(axes)
 
 
+def _mean_square_plus_eps(g: _Graph, add: onnx.NodeProto | None, x: str):
+    """``add`` = ReduceMean(x^2 over the last axes) + eps, eps a stored scalar >= 0, the square
+    Pow(x, 2) or Mul(x, x): (square, mean, dims, eps), else None."""
+    for variance, eps_name in _binary_operands(add) if add is not None else ():
+        eps = g.scalar(eps_name)
+        var_mean = g.node(variance, "ReduceMean")
+        square = g.node(var_mean.input[0], "Pow", "Mul") if var_mean is not None else None
+        if eps is None or eps < 0 or square is None:
+            continue
+        if square.op_type == "Pow":
+            squared = list(square.input) == [x, square.input[1]] and _is(g.scalar(square.input[1]), 2.0)
+        else:
+            squared = list(square.input) == [x, x]
+        dims = _reduce_mean_last_axes(g, var_mean)
+        if squared and dims is not None:
+            return square, var_mean, dims, eps
+    return None
+
+
 def _normalized(g: _Graph, value: str) -> _Match | None:
     """value = (x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps), over the last axes: how
     torch's exporter writes LayerNorm below opset 17."""
@@ -262,23 +281,14 @@ def _normalized(g: _Graph, value: str) -> _Match | None:
     add = g.node(sqrt.input[0], "Add") if sqrt is not None else None
     if sub is None or add is None:
         return None
-    for variance, eps_name in _binary_operands(add):
-        eps = g.scalar(eps_name)
-        var_mean = g.node(variance, "ReduceMean")
-        square = g.node(var_mean.input[0], "Pow", "Mul") if var_mean is not None else None
-        if eps is None or eps < 0 or square is None:
-            continue
-        if square.op_type == "Pow":
-            squared = list(square.input) == [centred, square.input[1]] and _is(g.scalar(square.input[1]), 2.0)
-        else:
-            squared = list(square.input) == [centred, centred]
-        mean = g.node(sub.input[1], "ReduceMean")
-        dims = _reduce_mean_last_axes(g, var_mean)
-        if squared and mean is not None and mean.input[0] == sub.input[0] and dims is not None \
-                and _reduce_mean_last_axes(g, mean) == dims:
-            return _Match(sub.input[0], (mean, sub, square, var_mean, add, sqrt, div),
-                          attrs=(("dims", dims), ("eps", eps)))
-    return None
+    found = _mean_square_plus_eps(g, add, centred)
+    mean = g.node(sub.input[1], "ReduceMean")
+    if found is None or mean is None or mean.input[0] != sub.input[0]:
+        return None
+    square, var_mean, dims, eps = found
+    if _reduce_mean_last_axes(g, mean) != dims:
+        return None
+    return _Match(sub.input[0], (mean, sub, square, var_mean, add, sqrt, div), attrs=(("dims", dims), ("eps", eps)))
 
 
 def _layer_norm(g: _Graph, end: onnx.NodeProto) -> _Match | None:
@@ -339,19 +349,10 @@ def _rms_normalized(g: _Graph, value: str) -> _Match | None:
                 options.append((x, (*inverse, node)))
     for x, tail in options:
         add = g.node(tail[0].input[0], "Add")
-        for variance, eps_name in _binary_operands(add) if add is not None else ():
-            eps = g.scalar(eps_name)
-            var_mean = g.node(variance, "ReduceMean")
-            square = g.node(var_mean.input[0], "Pow", "Mul") if var_mean is not None else None
-            if eps is None or eps < 0 or square is None:
-                continue
-            if square.op_type == "Pow":
-                squared = list(square.input) == [x, square.input[1]] and _is(g.scalar(square.input[1]), 2.0)
-            else:
-                squared = list(square.input) == [x, x]
-            dims = _reduce_mean_last_axes(g, var_mean)
-            if squared and dims is not None:
-                return _Match(x, (square, var_mean, add, *tail), attrs=(("dims", dims), ("eps", eps)))
+        found = _mean_square_plus_eps(g, add, x)
+        if found is not None:
+            square, var_mean, dims, eps = found
+            return _Match(x, (square, var_mean, add, *tail), attrs=(("dims", dims), ("eps", eps)))
     return None
 
 

@@ -203,6 +203,20 @@ def _spelled_layer_norm(opset=13, *, square="Pow", affine=("g", "b"), axes=(-1,)
     return nodes, {k: v for k, v in constants.items() if k not in ("g", "b") or k in affine}
 
 
+def _assert_gradients_match_the_nodewise_plan(module, x, inner: str, atol: float) -> None:
+    """Gradients of x and of every parameter, fused against the node-by-node plan (which runs
+    when ``inner``, a value the fusion removes, is asked for)."""
+    grads = []
+    for keep in ((), (inner,)):
+        module.zero_grad()
+        xt = torch.from_numpy(x).requires_grad_()
+        out = module.run({"x": xt}, keep=keep)
+        (out["y"] * torch.linspace(-1, 1, out["y"].numel()).reshape(out["y"].shape)).sum().backward()
+        grads.append([xt.grad, *(p.grad for p in module.parameters())])
+    for fused, nodewise in zip(*grads):
+        torch.testing.assert_close(fused, nodewise, rtol=1e-4, atol=atol)
+
+
 def _model_with_ints(nodes, *, opset, constants, **kw):
     model = _model(nodes, opset=opset, constants={k: v for k, v in constants.items() if not k.endswith("_axes")}, **kw)
     model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items() if k.endswith("_axes"))
@@ -225,15 +239,7 @@ def test_a_spelled_out_layer_norm_is_one_kernel_with_its_scale_and_shift_tuned(o
     x = np.random.default_rng(0).normal(2.0, 3.0, (2, 3, 4, 5)).astype(np.float32)
     reference, ours = run_both(model, {"x": x})
     assert_close(reference, ours, rtol=1e-5, atol=1e-5)
-    grads = []
-    for keep in ((), ("s",)):  # the node-by-node plan, for the gradients to compare
-        module.zero_grad()
-        xt = torch.from_numpy(x).requires_grad_()
-        out = module.run({"x": xt}, keep=keep)
-        (out["y"] * torch.linspace(-1, 1, out["y"].numel()).reshape(out["y"].shape)).sum().backward()
-        grads.append([xt.grad, *(p.grad for p in module.parameters())])
-    for fused, nodewise in zip(*grads):
-        torch.testing.assert_close(fused, nodewise, rtol=1e-4, atol=1e-5)
+    _assert_gradients_match_the_nodewise_plan(module, x, "s", atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["positive axes", "mean and variance over different axes", "eps computed"])
@@ -346,15 +352,7 @@ def test_a_spelled_out_rms_norm_is_one_kernel_with_its_scale_tuned(opset, invers
     x = np.random.default_rng(0).normal(0.5, 3.0, (2, 3, 4, 5)).astype(np.float32)
     reference, ours = run_both(model, {"x": x})
     assert_close(reference, ours, rtol=1e-5, atol=1e-6)
-    grads = []
-    for keep in ((), ("s",)):  # the node-by-node plan, for the gradients to compare
-        module.zero_grad()
-        xt = torch.from_numpy(x).requires_grad_()
-        out = module.run({"x": xt}, keep=keep)
-        (out["y"] * torch.linspace(-1, 1, out["y"].numel()).reshape(out["y"].shape)).sum().backward()
-        grads.append([xt.grad, *(p.grad for p in module.parameters())])
-    for fused, nodewise in zip(*grads):
-        torch.testing.assert_close(fused, nodewise, rtol=1e-4, atol=1e-6)
+    _assert_gradients_match_the_nodewise_plan(module, x, "s", atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["positive axes", "cube, not square", "eps computed", "x not the squared value",
