@@ -390,10 +390,11 @@ def test_rms_norms_it_cannot_prove_are_left_to_the_nodes(case):
     assert_close(reference, ours, rtol=1e-3 if case == "cast to float16 after" else 1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("dynamo", [False, True])
-def test_torch_exported_llama_rms_norms_are_fused_and_their_weights_tuned_and_written_back(tmp_path, dynamo):
+@pytest.mark.parametrize("style,dynamo", [("llama", False), ("llama", True), ("t5", False)])
+def test_torch_exported_rms_norms_are_fused_and_their_weights_tuned_and_written_back(tmp_path, style, dynamo):
     """LLaMA's RMSNorm (``weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)``) as torch's legacy
-    exporter (opset 17, with Casts) and its dynamo exporter (opset 18) write it."""
+    exporter (opset 17, with Casts) and its dynamo exporter (opset 18) write it, and T5's
+    (``weight * (x * rsqrt(mean(x.float()^2) + eps))``, the Cast only on the square's side)."""
     import warnings
 
     from fcpts_onnx import sparsify
@@ -405,6 +406,8 @@ def test_torch_exported_llama_rms_norms_are_fused_and_their_weights_tuned_and_wr
             self.weight = torch.nn.Parameter(torch.rand(size) + 0.5)
 
         def forward(self, x):
+            if style == "t5":
+                return self.weight * (x * torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + 1e-6))
             dtype = x.dtype
             x = x.to(torch.float32)
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
