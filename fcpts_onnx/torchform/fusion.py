@@ -271,24 +271,19 @@ def _mean_square_plus_eps(g: _Graph, add: onnx.NodeProto | None, x: str):
 
 
 def _normalized(g: _Graph, value: str) -> _Match | None:
-    """value = (x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps), over the last axes: how
-    torch's exporter writes LayerNorm below opset 17."""
-    div = g.node(value, "Div")
-    if div is None or len(div.input) != 2:
-        return None
-    centred, std = div.input
-    sub, sqrt = g.node(centred, "Sub"), g.node(std, "Sqrt")
-    add = g.node(sqrt.input[0], "Add") if sqrt is not None else None
-    if sub is None or add is None:
-        return None
-    found = _mean_square_plus_eps(g, add, centred)
-    mean = g.node(sub.input[1], "ReduceMean")
-    if found is None or mean is None or mean.input[0] != sub.input[0]:
-        return None
-    square, var_mean, dims, eps = found
-    if _reduce_mean_last_axes(g, mean) != dims:
-        return None
-    return _Match(sub.input[0], (mean, sub, square, var_mean, add, sqrt, div), attrs=(("dims", dims), ("eps", eps)))
+    """value = (x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps), over the last axes, the
+    division a Div (torch's exporter below opset 17) or a Mul by Reciprocal(Sqrt(...))."""
+    for centred, tail in _over_sqrt(g, value):
+        sub, add = g.node(centred, "Sub"), g.node(tail[0].input[0], "Add")
+        found = _mean_square_plus_eps(g, add, centred) if sub is not None else None
+        mean = g.node(sub.input[1], "ReduceMean") if sub is not None else None
+        if found is None or mean is None or mean.input[0] != sub.input[0]:
+            continue
+        square, var_mean, dims, eps = found
+        if _reduce_mean_last_axes(g, mean) == dims:
+            return _Match(sub.input[0], (mean, sub, square, var_mean, add, *tail),
+                          attrs=(("dims", dims), ("eps", eps)))
+    return None
 
 
 def _layer_norm(g: _Graph, end: onnx.NodeProto) -> _Match | None:
@@ -303,14 +298,12 @@ def _layer_norm(g: _Graph, end: onnx.NodeProto) -> _Match | None:
                 break
         else:
             return None
-    if node.op_type == "Mul":
+    if node.op_type == "Mul":  # a scale, unless this Mul is the normalisation's own
         for inner, other in _binary_operands(node):
-            if g.node(inner, "Div") is not None:
+            if _normalized(g, inner) is not None:
                 tail, scale, node = [node, *tail], other, g.producer[inner]
                 break
-        else:
-            return None
-    if node.op_type != "Div" or (shift is not None and scale is None):
+    if shift is not None and scale is None:
         return None  # a shift without a scale is left to the nodes
     found = _normalized(g, node.output[0])
     if found is None:
@@ -331,23 +324,27 @@ def _reciprocal_sqrt(g: _Graph, value: str) -> tuple[onnx.NodeProto, ...] | None
     return None if sqrt is None else (sqrt, node)
 
 
+def _over_sqrt(g: _Graph, value: str) -> list[tuple[str, tuple[onnx.NodeProto, ...]]]:
+    """value = n / Sqrt(a), spelled Div(n, Sqrt(a)) or Mul(n, 1 / Sqrt(a)): each reading as
+    (n, the nodes from Sqrt to value's)."""
+    node = g.node(value, "Mul", "Div")
+    if node is None or len(node.input) != 2:
+        return []
+    if node.op_type == "Div":
+        sqrt = g.node(node.input[1], "Sqrt")
+        return [] if sqrt is None else [(node.input[0], (sqrt, node))]
+    readings = []
+    for n, other in _binary_operands(node):
+        inverse = _reciprocal_sqrt(g, other)
+        if inverse is not None:
+            readings.append((n, (*inverse, node)))
+    return readings
+
+
 def _rms_normalized(g: _Graph, value: str) -> _Match | None:
     """value = x / sqrt(mean(x^2) + eps) over the last axes, as x * rsqrt(...) or a Div:
     how torch's exporters write an RMSNorm (LLaMA's, T5's) below opset 23."""
-    node = g.node(value, "Mul", "Div")
-    if node is None or len(node.input) != 2:
-        return None
-    options = []  # (x, the nodes from Sqrt to this one)
-    if node.op_type == "Div":
-        sqrt = g.node(node.input[1], "Sqrt")
-        if sqrt is not None:
-            options.append((node.input[0], (sqrt, node)))
-    else:
-        for x, other in _binary_operands(node):
-            inverse = _reciprocal_sqrt(g, other)
-            if inverse is not None:
-                options.append((x, (*inverse, node)))
-    for x, tail in options:
+    for x, tail in _over_sqrt(g, value):
         add = g.node(tail[0].input[0], "Add")
         found = _mean_square_plus_eps(g, add, x)
         if found is not None:

@@ -181,7 +181,7 @@ def test_a_tuned_bias_is_never_folded_into_a_kernel():
 # -- LayerNorm as torch's exporter writes it below opset 17 --------------------------------
 
 
-def _spelled_layer_norm(opset=13, *, square="Pow", affine=("g", "b"), axes=(-1,), var_axes=None):
+def _spelled_layer_norm(opset=13, *, square="Pow", affine=("g", "b"), axes=(-1,), var_axes=None, inverse="Div"):
     def mean(inp, out, ax):
         if opset >= 18:
             return helper.make_node("ReduceMean", [inp, f"{out}_axes"], [out])
@@ -190,13 +190,22 @@ def _spelled_layer_norm(opset=13, *, square="Pow", affine=("g", "b"), axes=(-1,)
     nodes = [mean("x", "m", axes), helper.make_node("Sub", ["x", "m"], ["d"]),
              helper.make_node("Pow", ["d", "two"], ["p"]) if square == "Pow" else helper.make_node("Mul", ["d", "d"], ["p"]),
              mean("p", "v", var_axes or axes), helper.make_node("Add", ["v", "eps"], ["a"]),
-             helper.make_node("Sqrt", ["a"], ["s"]), helper.make_node("Div", ["d", "s"], ["n" if affine else "y"])]
+             helper.make_node("Sqrt", ["a"], ["s"])]
+    normed = "n" if affine else "y"
+    if inverse == "Div":
+        nodes.append(helper.make_node("Div", ["d", "s"], [normed]))
+    elif inverse == "Reciprocal":  # Mul(d, Reciprocal(Sqrt(.)))
+        nodes += [helper.make_node("Reciprocal", ["s"], ["r"]), helper.make_node("Mul", ["d", "r"], [normed])]
+    else:  # Mul(Div(1, Sqrt(.)), d)
+        nodes += [helper.make_node("Div", ["one", "s"], ["r"]), helper.make_node("Mul", ["r", "d"], [normed])]
     if "g" in affine:
         nodes.append(helper.make_node("Mul", ["n", "g"], ["h" if "b" in affine else "y"]))
     if "b" in affine:
         nodes.append(helper.make_node("Add", ["h", "b"], ["y"]))
     rng = np.random.default_rng(1)
     constants = {"two": 2.0, "eps": 1e-5, "g": rng.uniform(0.5, 1.5, 5), "b": rng.normal(size=5)}
+    if inverse == "Div(1, .)":
+        constants["one"] = 1.0
     if opset >= 18:
         constants["m_axes"] = np.array(axes, np.int64)
         constants["v_axes"] = np.array(var_axes or axes, np.int64)
@@ -223,12 +232,14 @@ def _model_with_ints(nodes, *, opset, constants, **kw):
     return model
 
 
-@pytest.mark.parametrize("opset,square,affine,axes", [
-    (13, "Pow", ("g", "b"), (-1,)), (18, "Pow", ("g", "b"), (-1,)), (13, "Mul", ("g", "b"), (-1,)),
-    (13, "Pow", (), (-1,)), (13, "Pow", ("g",), (-1,)), (13, "Pow", ("g", "b"), (-2, -1)),
+@pytest.mark.parametrize("opset,square,affine,axes,inverse", [
+    (13, "Pow", ("g", "b"), (-1,), "Div"), (18, "Pow", ("g", "b"), (-1,), "Div"), (13, "Mul", ("g", "b"), (-1,), "Div"),
+    (13, "Pow", (), (-1,), "Div"), (13, "Pow", ("g",), (-1,), "Div"), (13, "Pow", ("g", "b"), (-2, -1), "Div"),
+    (13, "Pow", ("g", "b"), (-1,), "Reciprocal"), (18, "Mul", ("g",), (-1,), "Div(1, .)"),
+    (13, "Pow", (), (-1,), "Reciprocal"),
 ])
-def test_a_spelled_out_layer_norm_is_one_kernel_with_its_scale_and_shift_tuned(opset, square, affine, axes):
-    nodes, constants = _spelled_layer_norm(opset, square=square, affine=affine, axes=axes)
+def test_a_spelled_out_layer_norm_is_one_kernel_with_its_scale_and_shift_tuned(opset, square, affine, axes, inverse):
+    nodes, constants = _spelled_layer_norm(opset, square=square, affine=affine, axes=axes, inverse=inverse)
     if axes == (-2, -1):
         constants.update(g=np.ones((4, 5)) * 1.25, b=np.full((4, 5), -0.5))  # scale over both axes
     model = _model_with_ints(nodes, opset=opset, constants=constants)
