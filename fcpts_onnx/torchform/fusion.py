@@ -2,7 +2,8 @@
 
 paddle2onnx writes hardswish as ``Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)``; torch's legacy
 exporter below opset 14 as ``Mul(x, HardSigmoid(x))``, and exact GELU below opset 20 as
-``Mul(Mul(x, Add(Erf(Div(x, sqrt 2)), 1)), 0.5)``; many exporters write SiLU as
+``Mul(Mul(x, Add(Erf(Div(x, sqrt 2)), 1)), 0.5)``, and its tanh approximation (GPT-2's
+gelu_new) as ``0.5 x (1 + Tanh(sqrt(2/pi) (x + 0.044715 x^3)))``; many exporters write SiLU as
 ``Mul(x, Sigmoid(x))``. Run node by node, a hardswish is four passes over memory forward and
 about ten backward (Clip's gradient alone is two comparisons, an and and a where), with every
 link's output kept for the backward pass. On PP-OCRv4 rec (28 such chains) those passes were
@@ -30,6 +31,7 @@ outputs, so nothing else in the graph can see that they are gone.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -210,30 +212,79 @@ def _one_plus_erf(g: _Graph, value: str) -> _Match | None:
     return None
 
 
-def _gelu(g: _Graph, end: onnx.NodeProto) -> _Match | None:
-    """x * 0.5 * (1 + Erf(x / sqrt(2))) with the products in any order: torch's exporter below
-    opset 20 writes Mul(Mul(x, 1 + erf), 0.5); others Mul(x, Mul(1 + erf, 0.5)) or
-    Mul(Mul(x, 0.5), 1 + erf)."""
-    if end.op_type != "Mul":
+def _close(value: float | None, wanted: float) -> bool:
+    """A stored constant within float32 rounding of ``wanted`` (exporters compute sqrt(2/pi)
+    in their own order)."""
+    return value is not None and abs(value - wanted) <= 1e-6 * abs(wanted)
+
+
+def _cube(g: _Graph, value: str) -> tuple[str, tuple[onnx.NodeProto, ...]] | None:
+    """value = x^3 as Pow(x, 3) or Mul(x, Mul(x, x)) in either order: (x, the nodes)."""
+    node = g.node(value, "Pow", "Mul")
+    if node is None or len(node.input) != 2:
         return None
-    for a, b in _binary_operands(end):
-        if _is(g.scalar(b), 0.5):  # (x * (1 + erf)) * 0.5
-            mul = g.node(a, "Mul")
-            for x, rest in _binary_operands(mul) if mul is not None else []:
-                found = _one_plus_erf(g, rest)
-                if found and found.x == x:
-                    return _Match(x, (*found.nodes, mul, end))
-        mul = g.node(b, "Mul")
-        for c, d in _binary_operands(mul) if mul is not None else []:
-            if not _is(g.scalar(d), 0.5):
-                continue
-            found = _one_plus_erf(g, c)  # x * ((1 + erf) * 0.5)
-            if found and found.x == a:
-                return _Match(a, (*found.nodes, mul, end))
-            found = _one_plus_erf(g, a)  # (1 + erf) * (x * 0.5)
-            if found and found.x == c:
-                return _Match(c, (mul, *found.nodes, end))
+    if node.op_type == "Pow":
+        return (node.input[0], (node,)) if _is(g.scalar(node.input[1]), 3.0) else None
+    for x, squared in _binary_operands(node):
+        square = g.node(squared, "Mul")
+        if square is not None and list(square.input) == [x, x]:
+            return x, (square, node)
     return None
+
+
+def _one_plus_tanh(g: _Graph, value: str) -> _Match | None:
+    """value = 1 + Tanh(sqrt(2/pi) * (x + 0.044715 * x^3)), the products and sums in either order."""
+    add = g.node(value, "Add")
+    for inner, one in _binary_operands(add) if add is not None else []:
+        tanh = g.node(inner, "Tanh") if _is(g.scalar(one), 1.0) else None
+        scaled = g.node(tanh.input[0], "Mul") if tanh is not None else None
+        for poly_name, k in _binary_operands(scaled) if scaled is not None else []:
+            poly = g.node(poly_name, "Add") if _close(g.scalar(k), math.sqrt(2 / math.pi)) else None
+            for x, term in _binary_operands(poly) if poly is not None else []:
+                cubic = g.node(term, "Mul")
+                for cubed, a in _binary_operands(cubic) if cubic is not None else []:
+                    cube = _cube(g, cubed)
+                    if cube is not None and cube[0] == x and _close(g.scalar(a), 0.044715):
+                        return _Match(x, (*cube[1], cubic, poly, scaled, tanh, add))
+    return None
+
+
+def _half_x_times(one_plus: Callable[[_Graph, str], _Match | None]) -> Callable[[_Graph, onnx.NodeProto], _Match | None]:
+    """A matcher of x * 0.5 * one_plus(x), the products in any order."""
+
+    def match(g: _Graph, end: onnx.NodeProto) -> _Match | None:
+        if end.op_type != "Mul":
+            return None
+        for a, b in _binary_operands(end):
+            if _is(g.scalar(b), 0.5):  # (x * (1 + f)) * 0.5
+                mul = g.node(a, "Mul")
+                for x, rest in _binary_operands(mul) if mul is not None else []:
+                    found = one_plus(g, rest)
+                    if found and found.x == x:
+                        return _Match(x, (*found.nodes, mul, end))
+            mul = g.node(b, "Mul")
+            for c, d in _binary_operands(mul) if mul is not None else []:
+                if not _is(g.scalar(d), 0.5):
+                    continue
+                found = one_plus(g, c)  # x * ((1 + f) * 0.5)
+                if found and found.x == a:
+                    return _Match(a, (*found.nodes, mul, end))
+                found = one_plus(g, a)  # (1 + f) * (x * 0.5)
+                if found and found.x == c:
+                    return _Match(c, (mul, *found.nodes, end))
+        return None
+
+    return match
+
+
+# x * 0.5 * (1 + Erf(x / sqrt(2))): torch's exporter below opset 20 writes Mul(Mul(x, 1 + erf),
+# 0.5); others Mul(x, Mul(1 + erf, 0.5)) or Mul(Mul(x, 0.5), 1 + erf).
+_gelu = _half_x_times(_one_plus_erf)
+# the tanh approximation (GPT-2's gelu_new, F.gelu(approximate="tanh")): torch's legacy exporter
+# writes Mul(Mul(x, 1 + tanh), 0.5) with the cube as Mul(x, Mul(x, x)); its dynamo exporter
+# Mul(x, Mul(0.5, 1 + tanh)); GPT-2's own code Mul(Mul(x, 0.5), 1 + tanh)
+_gelu_tanh = _half_x_times(_one_plus_tanh)
+KERNELS["gelu_tanh"] = functools.partial(F.gelu, approximate="tanh")
 
 
 def _reduce_mean_last_axes(g: _Graph, node: onnx.NodeProto | None) -> int | None:
@@ -405,6 +456,7 @@ PATTERNS: dict[str, Callable[[_Graph, onnx.NodeProto], _Match | None]] = {
     "hardswish": _hardswish,
     "silu": _silu,
     "gelu": _gelu,
+    "gelu_tanh": _gelu_tanh,
     "layer_norm": _layer_norm,
     "rms_norm": _rms_norm,
 }

@@ -40,7 +40,16 @@ def _relu6_plus_3(opset=13, order=("x", "three")):
 
 
 _SCALARS = {"three": 3.0, "zero": 0.0, "six": 6.0, "sixth": 1 / 6, "one": 1.0, "half": 0.5,
-            "sqrt2": 2**0.5, "rsqrt2": 0.5**0.5}
+            "sqrt2": 2**0.5, "rsqrt2": 0.5**0.5, "cubic": 0.044715, "k": (2 / np.pi) ** 0.5}
+
+
+def _tanh_part(cube, cubic_order=("cubic", "cu"), k_order=("k", "p"), one_order=("t", "one")):
+    """1 + Tanh(k * (x + 0.044715 * x^3)) -> "h", the cube "cu" as Pow or Mul(x, Mul(x, x))."""
+    nodes = ([helper.make_node("Pow", ["x", "three"], ["cu"])] if cube == "Pow" else
+             [helper.make_node("Mul", ["x", "x"], ["sq"]), helper.make_node("Mul", ["x", "sq"], ["cu"])])
+    return nodes + [helper.make_node("Mul", list(cubic_order), ["c"]), helper.make_node("Add", ["x", "c"], ["p"]),
+                    helper.make_node("Mul", list(k_order), ["s"]), helper.make_node("Tanh", ["s"], ["t"]),
+                    helper.make_node("Add", list(one_order), ["h"])]
 
 # name -> (nodes, opset, kind): every spelling the matcher knows, each with a hidden value "r" or "h"
 SPELLINGS = {
@@ -76,6 +85,15 @@ SPELLINGS = {
         [helper.make_node("Mul", ["x", "half"], ["m"]), helper.make_node("Div", ["x", "sqrt2"], ["d"]),
          helper.make_node("Erf", ["d"], ["e"]), helper.make_node("Add", ["e", "one"], ["h"]),
          helper.make_node("Mul", ["h", "m"], ["y"])], 13, "gelu"),
+    "torch legacy tanh GELU: Mul(0.5, Mul(x, 1 + tanh(k (x + a Mul(x, Mul(x, x))))))": (
+        [*_tanh_part("Mul", one_order=("one", "t")), helper.make_node("Mul", ["x", "h"], ["m"]),
+         helper.make_node("Mul", ["half", "m"], ["y"])], 13, "gelu_tanh"),
+    "torch dynamo tanh GELU: Mul(x, Mul(0.5, 1 + tanh(k (x + a Pow(x, 3)))))": (
+        [*_tanh_part("Pow"), helper.make_node("Mul", ["half", "h"], ["m"]), helper.make_node("Mul", ["x", "m"], ["y"])],
+        18, "gelu_tanh"),
+    "GPT-2 gelu_new: Mul(Mul(x, 0.5), 1 + tanh((x + Pow(x, 3) a) k))": (
+        [helper.make_node("Mul", ["x", "half"], ["m"]), *_tanh_part("Pow", ("cu", "cubic"), ("p", "k")),
+         helper.make_node("Mul", ["m", "h"], ["y"])], 14, "gelu_tanh"),
 }
 
 
@@ -448,3 +466,55 @@ def test_torch_exported_rms_norms_are_fused_and_their_weights_tuned_and_written_
     written = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "rms.sparse.onnx")).graph.initializer}
     for name in norms:
         assert not np.array_equal(written[name], before[name]), name
+
+
+@pytest.mark.parametrize("module_name,dynamo", [("gpt2", False), ("gpt2", True), ("torch", False), ("torch", True)])
+def test_torch_exported_tanh_gelus_are_fused_exact_with_the_chains_gradient(tmp_path, module_name, dynamo):
+    """GPT-2's gelu_new and F.gelu(approximate="tanh") as torch's legacy (opset 17) and dynamo
+    (opset 18) exporters write them: one kernel, onnxruntime's values, the chain's gradients."""
+    import math
+    import warnings
+
+    class GPT2Gelu(torch.nn.Module):
+        def forward(self, x):
+            return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+    class TorchGelu(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.gelu(x, approximate="tanh")
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), GPT2Gelu() if module_name == "gpt2" else TorchGelu(),
+                                torch.nn.Linear(16, 8)).eval()
+    path = tmp_path / "gelu.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(4, 16),), str(path), input_names=["x"], dynamo=dynamo,
+                          opset_version=18 if dynamo else 17)
+    exported = onnx.load(str(path))
+    module = OnnxModule(exported, prunable=discover(exported).weights)
+    assert module.fusions == Counter({"gelu_tanh": 1})
+    x = (np.random.default_rng(0).normal(size=(4, 16)) * 3).astype(np.float32)
+    reference, ours = run_both(exported, {exported.graph.input[0].name: x})
+    assert_close(reference, ours, rtol=1e-5, atol=1e-6)
+    inner = next(n.output[0] for n in exported.graph.node if n.op_type == "Tanh")
+    output = exported.graph.output[0].name
+    grads = []
+    for keep in ((), (inner,)):  # fused, then node by node
+        module.zero_grad()
+        out = module.run({exported.graph.input[0].name: torch.from_numpy(x)}, keep=keep)[output]
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        grads.append([p.grad for p in module.parameters()])
+    for fused, nodewise in zip(*grads):
+        torch.testing.assert_close(fused, nodewise, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("constant,value", [("cubic", 0.05), ("k", 0.8), ("three", 2.0)])
+def test_a_tanh_gelu_with_other_constants_is_left_to_the_nodes(constant, value):
+    nodes, opset, _ = SPELLINGS["GPT-2 gelu_new: Mul(Mul(x, 0.5), 1 + tanh((x + Pow(x, 3) a) k))"]
+    model = _model(nodes, opset=opset, constants=_SCALARS | {constant: value})
+    module = OnnxModule(model)
+    assert module.fusions == Counter()
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
+    reference, ours = run_both(model, {"x": x})
+    assert_close(reference, ours)
