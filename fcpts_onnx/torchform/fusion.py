@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import torch
 import torch.nn.functional as F
 
 KERNELS: dict[str, Callable] = {"hardswish": F.hardswish, "silu": F.silu, "gelu": F.gelu}
@@ -287,9 +288,18 @@ _gelu_tanh = _half_x_times(_one_plus_tanh)
 KERNELS["gelu_tanh"] = functools.partial(F.gelu, approximate="tanh")
 
 
-def _reduce_mean_last_axes(g: _Graph, node: onnx.NodeProto | None) -> int | None:
-    """How many trailing axes a keepdims ReduceMean averages over (axes -k..-1), else None."""
-    if node is None or not _attr(node, "keepdims", 1):
+def _mean_axes(g: _Graph, node: onnx.NodeProto | None) -> tuple[tuple[str, object], ...] | None:
+    """The axes a keepdims mean averages over, as the kernels' attributes: ("dims", k) for the
+    trailing axes -k..-1 (torch's exporters), ("axes", (a, ...)) for axes given as positive
+    numbers (tf2onnx: Keras normalises axis=-1 to the input's last axis), ("first_axis", 2) for
+    a GlobalAveragePool (tf2onnx writes a mean over the last axis of a rank-3 tensor so); else
+    None. Positive axes need the rank, which the graph need not state: the kernels read it
+    off the input when they run."""
+    if node is None:
+        return None
+    if node.op_type == "GlobalAveragePool":
+        return (("first_axis", 2),)
+    if not _attr(node, "keepdims", 1):
         return None
     if g.opset >= 18:
         axes = g.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
@@ -297,17 +307,25 @@ def _reduce_mean_last_axes(g: _Graph, node: onnx.NodeProto | None) -> int | None
     else:
         axes = _attr(node, "axes")
         axes = None if axes is None else sorted(int(a) for a in axes)
-    if not axes or axes != list(range(-len(axes), 0)):
-        return None  # positive axes need the rank, which the graph may not state
-    return len(axes)
+    if not axes or len(set(axes)) != len(axes):
+        return None
+    if axes == list(range(-len(axes), 0)):
+        return (("dims", len(axes)),)
+    if axes[0] >= 0:
+        return (("axes", tuple(axes)),)
+    return None  # negative axes that are not the trailing ones, or a mix of signs
+
+
+def _mean_node(g: _Graph, value: str) -> onnx.NodeProto | None:
+    return g.node(value, "ReduceMean", "GlobalAveragePool")
 
 
 def _mean_square_plus_eps(g: _Graph, add: onnx.NodeProto | None, x: str):
-    """``add`` = ReduceMean(x^2 over the last axes) + eps, eps a stored scalar >= 0, the square
-    Pow(x, 2) or Mul(x, x): (square, mean, dims, eps), else None."""
+    """``add`` = mean(x^2) + eps, eps a stored scalar >= 0, the square Pow(x, 2) or Mul(x, x):
+    (square, mean node, its axes as _mean_axes gives them, eps), else None."""
     for variance, eps_name in _binary_operands(add) if add is not None else ():
         eps = g.scalar(eps_name)
-        var_mean = g.node(variance, "ReduceMean")
+        var_mean = _mean_node(g, variance)
         square = g.node(var_mean.input[0], "Pow", "Mul") if var_mean is not None else None
         if eps is None or eps < 0 or square is None:
             continue
@@ -315,9 +333,9 @@ def _mean_square_plus_eps(g: _Graph, add: onnx.NodeProto | None, x: str):
             squared = list(square.input) == [x, square.input[1]] and _is(g.scalar(square.input[1]), 2.0)
         else:
             squared = list(square.input) == [x, x]
-        dims = _reduce_mean_last_axes(g, var_mean)
-        if squared and dims is not None:
-            return square, var_mean, dims, eps
+        axes = _mean_axes(g, var_mean)
+        if squared and axes is not None:
+            return square, var_mean, axes, eps
     return None
 
 
@@ -327,13 +345,12 @@ def _normalized(g: _Graph, value: str) -> _Match | None:
     for centred, tail in _over_sqrt(g, value):
         sub, add = g.node(centred, "Sub"), g.node(tail[0].input[0], "Add")
         found = _mean_square_plus_eps(g, add, centred) if sub is not None else None
-        mean = g.node(sub.input[1], "ReduceMean") if sub is not None else None
+        mean = _mean_node(g, sub.input[1]) if sub is not None else None
         if found is None or mean is None or mean.input[0] != sub.input[0]:
             continue
-        square, var_mean, dims, eps = found
-        if _reduce_mean_last_axes(g, mean) == dims:
-            return _Match(sub.input[0], (mean, sub, square, var_mean, add, *tail),
-                          attrs=(("dims", dims), ("eps", eps)))
+        square, var_mean, axes, eps = found
+        if _mean_axes(g, mean) == axes:
+            return _Match(sub.input[0], (mean, sub, square, var_mean, add, *tail), attrs=(*axes, ("eps", eps)))
     return None
 
 
@@ -361,6 +378,82 @@ def _layer_norm(g: _Graph, end: onnx.NodeProto) -> _Match | None:
         return None
     extra = tuple(v for v in (scale, shift) if v is not None)
     return _Match(found.x, (*found.nodes, *tail), extra, found.attrs)
+
+
+def _minus_mean_times(g: _Graph, value: str, mean: str, inv: str) -> tuple[onnx.NodeProto, ...] | None:
+    """value = -mean * inv, as Mul(Neg(mean), inv) (Keras 3) or Neg(Mul(mean, inv)); the nodes."""
+    node = g.node(value, "Mul", "Neg")
+    if node is not None and node.op_type == "Mul":
+        for negated, other in _binary_operands(node):
+            neg = g.node(negated, "Neg")
+            if other == inv and neg is not None and neg.input[0] == mean:
+                return neg, node
+    elif node is not None:
+        product = g.node(node.input[0], "Mul")
+        if product is not None and sorted(product.input) == sorted([mean, inv]):
+            return product, node
+    return None
+
+
+def _keras_offset(g: _Graph, value: str, mean: str, inv: str):
+    """value = beta - mean * inv, or -mean * inv without beta: (nodes, beta or None), else None."""
+    node = g.node(value, "Add", "Sub")
+    if node is not None and node.op_type == "Add":  # Keras 3: -mean * inv + beta
+        for product, beta in _binary_operands(node):
+            found = _minus_mean_times(g, product, mean, inv)
+            if found is not None:
+                return (*found, node), beta
+    elif node is not None and len(node.input) == 2:  # tf.nn.batch_normalization: beta - mean * inv
+        product = g.node(node.input[1], "Mul")
+        if product is not None and sorted(product.input) == sorted([mean, inv]):
+            return (product, node), node.input[0]
+    found = _minus_mean_times(g, value, mean, inv)
+    return None if found is None else (found, None)
+
+
+def _keras_layer_norm(g: _Graph, end: onnx.NodeProto) -> _Match | None:
+    """Keras's LayerNormalization as tf2onnx writes it: inv = rsqrt(var + eps) * gamma, then
+    ``x * inv + (beta - mean * inv)``, the offset spelled ``Add(Mul(Neg(mean), inv), beta)``
+    (Keras 3) or ``Sub(beta, Mul(mean, inv))`` (tf.nn.batch_normalization, tf.keras); the
+    means ReduceMean over positive axes, or GlobalAveragePool over a rank-3 input's last axis;
+    gamma and beta optional. It is (x - mean) * rsqrt(var + eps) * gamma + beta, a LayerNorm."""
+    if end.op_type != "Add":
+        return None
+    for scaled, offset in _binary_operands(end):
+        xs = g.node(scaled, "Mul")
+        for x, inv in _binary_operands(xs) if xs is not None else ():
+            gamma, inverse = None, _reciprocal_sqrt(g, inv)
+            if inverse is None:
+                times_gamma = g.node(inv, "Mul")
+                for rsqrt, other in _binary_operands(times_gamma) if times_gamma is not None else ():
+                    inverse = _reciprocal_sqrt(g, rsqrt)
+                    if inverse is not None:
+                        gamma, inverse = other, (*inverse, times_gamma)
+                        break
+            if inverse is None:
+                continue
+            # the centred value x - mean, read off the square that the variance averages
+            add = g.node(inverse[0].input[0], "Add")
+            var_mean = next((m for v, _ in _binary_operands(add) if (m := _mean_node(g, v)) is not None), None) \
+                if add is not None else None
+            square = g.node(var_mean.input[0], "Pow", "Mul") if var_mean is not None else None
+            sub = g.node(square.input[0], "Sub") if square is not None else None
+            if sub is None or sub.input[0] != x:
+                continue
+            found = _mean_square_plus_eps(g, add, sub.output[0])
+            mean = _mean_node(g, sub.input[1])
+            if found is None or mean is None or mean.input[0] != x or _mean_axes(g, mean) != found[2]:
+                continue
+            shifted = _keras_offset(g, offset, mean.output[0], inv)
+            if shifted is None or (shifted[1] is not None and gamma is None):
+                continue  # a shift without a scale is left to the nodes
+            (offset_nodes, beta), (square, var_mean, axes, eps) = shifted, found
+            nodes = (mean, sub, square, var_mean, add, *inverse, xs, *offset_nodes, end)
+            extra = tuple(v for v in (gamma, beta) if v is not None)
+            if set(extra) & {out for node in nodes for out in node.output}:
+                continue  # gamma or beta computed inside the chain itself
+            return _Match(x, nodes, extra, (*axes, ("eps", eps)))
+    return None
 
 
 def _reciprocal_sqrt(g: _Graph, value: str) -> tuple[onnx.NodeProto, ...] | None:
@@ -399,8 +492,8 @@ def _rms_normalized(g: _Graph, value: str) -> _Match | None:
         add = g.node(tail[0].input[0], "Add")
         found = _mean_square_plus_eps(g, add, x)
         if found is not None:
-            square, var_mean, dims, eps = found
-            return _Match(x, (square, var_mean, add, *tail), attrs=(("dims", dims), ("eps", eps)))
+            square, var_mean, axes, eps = found
+            return _Match(x, (square, var_mean, add, *tail), attrs=(*axes, ("eps", eps)))
     return None
 
 
@@ -427,22 +520,58 @@ def _rms_norm(g: _Graph, end: onnx.NodeProto) -> _Match | None:
     return _rms_normalized(g, end.output[0])
 
 
-def rms_norm(x, scale=None, *, dims: int, eps: float):
-    shape = tuple(x.shape[x.dim() - dims:])
-    if scale is not None and tuple(scale.shape) == shape:
-        return F.rms_norm(x, shape, scale, eps)
-    y = F.rms_norm(x, shape, eps=eps)  # a scale that broadcasts some other way
+def _normalized_axes(x, dims: int | None, axes: tuple[int, ...] | None, first_axis: int | None) -> tuple[int, ...]:
+    """The axes of x a fused norm averages over (see _mean_axes), now that x's rank is known."""
+    if dims is not None:
+        return tuple(range(x.dim() - dims, x.dim()))
+    if first_axis is not None:
+        return tuple(range(first_axis, x.dim()))
+    if any(a >= x.dim() for a in axes):
+        raise ValueError(f"a normalisation averages over axes {list(axes)} of a rank-{x.dim()} input")
+    return tuple(axes)
+
+
+def _as_shape(param, shape: tuple[int, ...], rank: int):
+    """param viewed as ``shape`` where it is that shape, possibly after leading 1s that add no
+    rank beyond x's (tf2onnx stores a LayerNorm's gamma as [1, 1, C]), else None."""
+    if param is None or param.dim() > rank:
+        return None
+    lead = param.dim() - len(shape)
+    if lead < 0 or tuple(param.shape[lead:]) != shape or any(d != 1 for d in param.shape[:lead]):
+        return None
+    return param.reshape(shape)
+
+
+def rms_norm(x, scale=None, *, eps: float, dims: int | None = None, axes: tuple[int, ...] | None = None,
+             first_axis: int | None = None):
+    over = _normalized_axes(x, dims, axes, first_axis)
+    shape = tuple(x.shape[a] for a in over)
+    if over and over == tuple(range(x.dim() - len(over), x.dim())):
+        weight = _as_shape(scale, shape, x.dim())
+        if weight is not None or scale is None:
+            return F.rms_norm(x, shape, weight, eps)
+        y = F.rms_norm(x, shape, eps=eps)  # a scale that broadcasts some other way
+    else:  # not the trailing axes: what the nodes compute, in one place
+        y = x * torch.rsqrt((x * x).mean(over, keepdim=True) + eps) if over else x * (x * x + eps).rsqrt()
     return y if scale is None else y * scale
 
 
 KERNELS["rms_norm"] = rms_norm
 
 
-def layer_norm(x, scale=None, shift=None, *, dims: int, eps: float):
-    shape = tuple(x.shape[x.dim() - dims:])
-    if scale is not None and tuple(scale.shape) == shape and (shift is None or tuple(shift.shape) == shape):
-        return F.layer_norm(x, shape, scale, shift, eps)
-    y = F.layer_norm(x, shape, eps=eps)  # a scale or shift that broadcasts some other way
+def layer_norm(x, scale=None, shift=None, *, eps: float, dims: int | None = None,
+               axes: tuple[int, ...] | None = None, first_axis: int | None = None):
+    over = _normalized_axes(x, dims, axes, first_axis)
+    shape = tuple(x.shape[a] for a in over)
+    if over and over == tuple(range(x.dim() - len(over), x.dim())):
+        weight, bias = _as_shape(scale, shape, x.dim()), _as_shape(shift, shape, x.dim())
+        if (weight is not None or scale is None) and (bias is not None or shift is None):
+            return F.layer_norm(x, shape, weight, bias, eps)
+        y = F.layer_norm(x, shape, eps=eps)  # a scale or shift that broadcasts some other way
+    else:  # not the trailing axes (or none: a mean over no axes is x itself)
+        centred = x - x.mean(over, keepdim=True) if over else x - x
+        variance = (centred * centred).mean(over, keepdim=True) if over else centred * centred
+        y = centred * torch.rsqrt(variance + eps)
     if scale is not None:
         y = y * scale
     return y if shift is None else y + shift
@@ -457,7 +586,7 @@ PATTERNS: dict[str, Callable[[_Graph, onnx.NodeProto], _Match | None]] = {
     "silu": _silu,
     "gelu": _gelu,
     "gelu_tanh": _gelu_tanh,
-    "layer_norm": _layer_norm,
+    "layer_norm": lambda g, end: _layer_norm(g, end) or _keras_layer_norm(g, end),
     "rms_norm": _rms_norm,
 }
 

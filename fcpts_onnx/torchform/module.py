@@ -119,6 +119,22 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     raise UnsupportedModelError(f"Constant node {node.name!r} with attribute {attr.name} is not supported")
 
 
+def _output_features(node: onnx.NodeProto, weight_input: int, index: GraphIndex, model: onnx.ModelProto) -> int | None:
+    """How many outputs the linear layer ``node`` (MatMul or Gemm) has, read off its weight at
+    ``weight_input`` where that is stored as it is used (no view between); else None."""
+    source, stopped_by = index.resolve(node.input[weight_input])
+    if source is None:
+        return None
+    dims = list(source.tensor(model).dims)
+    if len(dims) < 2:
+        return None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if plain_op_type(node.op_type, node.domain) == "Gemm":
+        transposed = attrs.get("transB" if weight_input == 1 else "transA", 0)
+        return dims[0 if transposed == (weight_input == 1) else 1]
+    return dims[-1] if weight_input == 1 else dims[-2]
+
+
 def _fused_fn(kernel: Callable, attrs: dict, rank: int) -> OpFn:
     def run_fused(ctx, x, *extra):
         out = kernel(x, *extra, **attrs)
@@ -236,23 +252,36 @@ class OnnxModule(nn.Module):
         self._steps = self._plan(steps_nodes, opsets, fusions) if fusions else self._exact_steps
 
     def _add_matmul_biases(self, model: onnx.ModelProto, index: GraphIndex, add_parameter) -> None:
-        """Add(MatMul(x, W), b) is how exporters write Linear: b is a bias like Conv's."""
+        """Add(MatMul(x, W), b) is how exporters write Linear: b is a bias like Conv's. tf2onnx
+        puts views between the two: a Dense layer on a sequence is MatMul, Reshape back to
+        [N, T, C], then the Add; Keras's attention projections add a [heads, head_dim] bias
+        after a Reshape to heads. Through views, a constant is taken for a bias only where it
+        has as many elements as the layer has outputs (not, say, a position embedding)."""
         prunable_names = {src.name for src in self.sources.values() if src.role == "weight"}
         producer_of = {out: node for node in model.graph.node for out in node.output}
+        views = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity")
         for node in model.graph.node:
             if node.op_type != "Add" or len(node.input) != 2:
                 continue
             for a, b in ((0, 1), (1, 0)):
-                producer = producer_of.get(node.input[a])
+                producer, through_view = producer_of.get(node.input[a]), False
+                while producer is not None and producer.domain in ("", "ai.onnx") and producer.op_type in views:
+                    producer, through_view = producer_of.get(producer.input[0]), True
                 if producer is None or plain_op_type(producer.op_type, producer.domain) not in ("MatMul", "Gemm"):
                     continue
                 weights = [index.resolve(n, through_views=True)[0] for n in producer.input[:2]]
-                if not any(w is not None and w.name in prunable_names for w in weights):
-                    continue
+                prunable = [i for i, w in enumerate(weights) if w is not None and w.name in prunable_names]
                 source, _ = index.resolve(node.input[b])
-                if source is not None and source.tensor(model).data_type == onnx.TensorProto.FLOAT \
-                        and len(source.tensor(model).dims) <= 1:
-                    add_parameter(source, "bias")
+                if not prunable or source is None or source.tensor(model).data_type != onnx.TensorProto.FLOAT:
+                    continue
+                dims = list(source.tensor(model).dims)
+                if through_view:
+                    outputs = _output_features(producer, prunable[0], index, model)
+                    if outputs is None or math.prod(dims) != outputs:
+                        continue
+                elif len(dims) > 1:
+                    continue
+                add_parameter(source, "bias")
 
     def _stored_constant(self, name: str) -> np.ndarray | None:
         """A constant's value, None for computed values and for parameters (they get tuned)."""

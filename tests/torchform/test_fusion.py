@@ -201,6 +201,8 @@ def test_a_tuned_bias_is_never_folded_into_a_kernel():
 
 def _spelled_layer_norm(opset=13, *, square="Pow", affine=("g", "b"), axes=(-1,), var_axes=None, inverse="Div"):
     def mean(inp, out, ax):
+        if ax == "gap":  # tf2onnx: a mean over every axis after the first two
+            return helper.make_node("GlobalAveragePool", [inp], [out])
         if opset >= 18:
             return helper.make_node("ReduceMean", [inp, f"{out}_axes"], [out])
         return helper.make_node("ReduceMean", [inp], [out], axes=list(ax))
@@ -224,7 +226,7 @@ def _spelled_layer_norm(opset=13, *, square="Pow", affine=("g", "b"), axes=(-1,)
     constants = {"two": 2.0, "eps": 1e-5, "g": rng.uniform(0.5, 1.5, 5), "b": rng.normal(size=5)}
     if inverse == "Div(1, .)":
         constants["one"] = 1.0
-    if opset >= 18:
+    if opset >= 18 and axes != "gap":
         constants["m_axes"] = np.array(axes, np.int64)
         constants["v_axes"] = np.array(var_axes or axes, np.int64)
     return nodes, {k: v for k, v in constants.items() if k not in ("g", "b") or k in affine}
@@ -255,10 +257,15 @@ def _model_with_ints(nodes, *, opset, constants, **kw):
     (13, "Pow", (), (-1,), "Div"), (13, "Pow", ("g",), (-1,), "Div"), (13, "Pow", ("g", "b"), (-2, -1), "Div"),
     (13, "Pow", ("g", "b"), (-1,), "Reciprocal"), (18, "Mul", ("g",), (-1,), "Div(1, .)"),
     (13, "Pow", (), (-1,), "Reciprocal"),
+    # positive axes (tf2onnx: Keras writes axis=-1 as the last axis), read against the rank when
+    # the kernel runs; not the trailing ones: the same function, computed as the nodes do
+    (13, "Mul", ("g", "b"), (3,), "Reciprocal"), (18, "Pow", ("g", "b"), (2, 3), "Div"),
+    (13, "Pow", ("g", "b"), (1,), "Div"), (18, "Mul", ("g", "b"), (1, 3), "Reciprocal"),
+    (13, "Mul", ("g", "b"), "gap", "Reciprocal"),
 ])
 def test_a_spelled_out_layer_norm_is_one_kernel_with_its_scale_and_shift_tuned(opset, square, affine, axes, inverse):
     nodes, constants = _spelled_layer_norm(opset, square=square, affine=affine, axes=axes, inverse=inverse)
-    if axes == (-2, -1):
+    if axes in ((-2, -1), (2, 3), "gap"):
         constants.update(g=np.ones((4, 5)) * 1.25, b=np.full((4, 5), -0.5))  # scale over both axes
     model = _model_with_ints(nodes, opset=opset, constants=constants)
     module = OnnxModule(model)
@@ -271,9 +278,9 @@ def test_a_spelled_out_layer_norm_is_one_kernel_with_its_scale_and_shift_tuned(o
     _assert_gradients_match_the_nodewise_plan(module, x, "s", atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["positive axes", "mean and variance over different axes", "eps computed"])
+@pytest.mark.parametrize("case", ["mixed-sign axes", "mean and variance over different axes", "eps computed"])
 def test_layer_norms_it_cannot_prove_are_left_to_the_nodes(case):
-    kw = {"axes": (3,)} if case == "positive axes" else {}
+    kw = {"axes": (-1, 2)} if case == "mixed-sign axes" else {}
     if case == "mean and variance over different axes":
         kw = {"axes": (-1,), "var_axes": (-2, -1)}
     nodes, constants = _spelled_layer_norm(13, **kw)
@@ -292,6 +299,87 @@ def test_layer_norms_it_cannot_prove_are_left_to_the_nodes(case):
         assert not any(s.role == "norm" for s in module.sources.values())
     x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
     reference, ours = run_both(model, {"x": x})
+    assert_close(reference, ours, rtol=1e-5, atol=1e-5)
+
+
+def _keras_layer_norm(offset="keras 3", *, mean=(2,), gamma=True, beta=True, opset=13):
+    """Keras's LayerNormalization as tf2onnx writes it: moments, inv = rsqrt(var + eps) * gamma,
+    ``x * inv + offset``. ``offset``: "keras 3" Add(Mul(Neg(mean), inv), beta) (or that Mul
+    alone without beta), "batch_normalization" Sub(beta, Mul(mean, inv)) (tf.keras),
+    "neg after" Neg(Mul(mean, inv)) without beta. ``mean``: positive axes, or "gap" (tf2onnx's
+    GlobalAveragePool for a mean over a rank-3 tensor's last axis)."""
+    def average(inp, out):
+        if mean == "gap":
+            return helper.make_node("GlobalAveragePool", [inp], [out])
+        if opset >= 18:
+            return helper.make_node("ReduceMean", [inp, "mean_axes"], [out])
+        return helper.make_node("ReduceMean", [inp], [out], axes=list(mean))
+
+    nodes = [average("x", "m"), helper.make_node("Sub", ["x", "m"], ["d"]), helper.make_node("Mul", ["d", "d"], ["dd"]),
+             average("dd", "v"), helper.make_node("Add", ["v", "eps"], ["a"]), helper.make_node("Sqrt", ["a"], ["s"]),
+             helper.make_node("Reciprocal", ["s"], ["r" if gamma else "inv"])]
+    if gamma:
+        nodes.append(helper.make_node("Mul", ["r", "g"], ["inv"]))
+    nodes.append(helper.make_node("Mul", ["x", "inv"], ["xs"]))
+    if offset == "keras 3":
+        nodes += [helper.make_node("Neg", ["m"], ["nm"]), helper.make_node("Mul", ["nm", "inv"], ["mm" if beta else "off"])]
+        if beta:
+            nodes.append(helper.make_node("Add", ["mm", "b"], ["off"]))
+    elif offset == "batch_normalization":
+        nodes += [helper.make_node("Mul", ["m", "inv"], ["mm"]), helper.make_node("Sub", ["b", "mm"], ["off"])]
+    else:
+        nodes += [helper.make_node("Mul", ["inv", "m"], ["mm"]), helper.make_node("Neg", ["mm"], ["off"])]
+    nodes.append(helper.make_node("Add", ["xs", "off"], ["y"]))
+    channels = 8 if mean == "gap" else 5
+    rng = np.random.default_rng(3)
+    constants = {"eps": 1e-3, "g": rng.uniform(0.5, 1.5, (1, 1, channels) if mean == "gap" else channels),
+                 "b": rng.normal(size=channels)}
+    constants = {k: v for k, v in constants.items() if (k != "g" or gamma) and (k != "b" or beta)}
+    if opset >= 18 and mean != "gap":
+        constants["mean_axes"] = np.array(mean, np.int64)
+    return nodes, constants
+
+
+@pytest.mark.parametrize("offset,mean,gamma,beta,opset", [
+    ("keras 3", "gap", True, True, 13), ("keras 3", (3,), True, True, 13), ("keras 3", (3,), True, True, 18),
+    ("batch_normalization", "gap", True, True, 13), ("keras 3", "gap", True, False, 13),
+    ("neg after", (3,), True, False, 18), ("keras 3", (2, 3), False, False, 13), ("keras 3", (1,), True, True, 13),
+])
+def test_keras_layer_norms_from_tf2onnx_are_one_kernel_with_gamma_and_beta_tuned(offset, mean, gamma, beta, opset):
+    nodes, constants = _keras_layer_norm(offset, mean=mean, gamma=gamma, beta=beta, opset=opset)
+    model = _model_with_ints(nodes, opset=opset, constants=constants, x_shape=(2, 6, 8) if mean == "gap" else (2, 3, 4, 5))
+    module = OnnxModule(model)
+    assert module.fusions == Counter({"layer_norm": 1})
+    assert sorted(s.name for s in module.sources.values() if s.role == "norm") == [n for n, on in (("b", beta), ("g", gamma)) if on]
+    x = np.random.default_rng(0).normal(1.0, 2.0, (2, 6, 8) if mean == "gap" else (2, 3, 4, 5)).astype(np.float32)
+    reference, ours = run_both(model, {"x": x})
+    assert_close(reference, ours, rtol=1e-5, atol=1e-5)
+    _assert_gradients_match_the_nodewise_plan(module, x, "s", atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["shift without scale", "x * inv of another x", "centred value of another x",
+                                  "mean over other axes", "offset of another mean"])
+def test_keras_layer_norms_it_cannot_prove_are_left_to_the_nodes(case):
+    nodes, constants = _keras_layer_norm(mean=(3,), gamma=case != "shift without scale")
+    x_inputs = ()
+    if case == "x * inv of another x":
+        nodes[8] = helper.make_node("Mul", ["x2", "inv"], ["xs"])
+        x_inputs = ("x2",)
+    if case == "centred value of another x":
+        nodes[1] = helper.make_node("Sub", ["x2", "m"], ["d"])
+        x_inputs = ("x2",)
+    if case == "mean over other axes":
+        nodes[3] = helper.make_node("ReduceMean", ["dd"], ["v"], axes=[2, 3])
+    if case == "offset of another mean":
+        nodes = [helper.make_node("ReduceMean", ["x"], ["m2"], axes=[3]), *nodes]
+        nodes[10] = helper.make_node("Neg", ["m2"], ["nm"])
+    model = _model_with_ints(nodes, opset=13, constants=constants, extra_inputs=x_inputs)
+    module = OnnxModule(model)
+    assert module.fusions["layer_norm"] == 0
+    assert not any(s.role == "norm" for s in module.sources.values())
+    rng = np.random.default_rng(0)
+    feeds = {name: rng.normal(size=(2, 3, 4, 5)).astype(np.float32) for name in ("x", *x_inputs)}
+    reference, ours = run_both(model, feeds)
     assert_close(reference, ours, rtol=1e-5, atol=1e-5)
 
 
@@ -358,7 +446,7 @@ def _spelled_rms_norm(opset=13, *, inverse="Reciprocal", square="Pow", scale=Tru
     if scale:
         nodes.append(helper.make_node("Mul", ["g", "nc" if casts else "n"], ["y"]))
     rng = np.random.default_rng(2)
-    shape = (4, 5) if len(axes) == 2 else (5,)
+    shape = (4, 5) if tuple(axes) in ((-2, -1), (2, 3)) else (5,)
     constants = {"two": 2.0, "one": 1.0, "eps": 1e-6, "g": rng.uniform(0.5, 1.5, shape)}
     if not scale:
         del constants["g"]
@@ -371,6 +459,8 @@ def _spelled_rms_norm(opset=13, *, inverse="Reciprocal", square="Pow", scale=Tru
     (13, "Reciprocal", "Pow", True, (-1,), False), (18, "Reciprocal", "Pow", True, (-1,), False),
     (13, "Div(1, .)", "Pow", True, (-1,), True), (13, "Div(x, .)", "Mul", True, (-1,), False),
     (13, "Reciprocal", "Pow", False, (-1,), False), (13, "Reciprocal", "Pow", True, (-2, -1), False),
+    (13, "Reciprocal", "Mul", True, (3,), False), (18, "Div(x, .)", "Pow", True, (2, 3), False),
+    (13, "Reciprocal", "Pow", True, (1,), False),
 ])
 def test_a_spelled_out_rms_norm_is_one_kernel_with_its_scale_tuned(opset, inverse, square, scale, axes, casts):
     nodes, constants = _spelled_rms_norm(opset, inverse=inverse, square=square, scale=scale, axes=axes, casts=casts)
@@ -384,10 +474,10 @@ def test_a_spelled_out_rms_norm_is_one_kernel_with_its_scale_tuned(opset, invers
     _assert_gradients_match_the_nodewise_plan(module, x, "s", atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["positive axes", "cube, not square", "eps computed", "x not the squared value",
+@pytest.mark.parametrize("case", ["mixed-sign axes", "cube, not square", "eps computed", "x not the squared value",
                                   "cast to float16 after", "cast to float after, x not from a cast"])
 def test_rms_norms_it_cannot_prove_are_left_to_the_nodes(case):
-    nodes, constants = _spelled_rms_norm(13, axes=(3,) if case == "positive axes" else (-1,),
+    nodes, constants = _spelled_rms_norm(13, axes=(-1, 2) if case == "mixed-sign axes" else (-1,),
                                          casts=case.startswith("cast to"))
     if case == "cube, not square":
         constants["two"] = 3.0
