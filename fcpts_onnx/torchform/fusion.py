@@ -395,6 +395,18 @@ def _minus_mean_times(g: _Graph, value: str, mean: str, inv: str) -> tuple[onnx.
     return None
 
 
+def _mean_view(g: _Graph, value: str) -> tuple[onnx.NodeProto, tuple[int, ...]] | None:
+    """value = Reshape(mean, stored shape): tf2onnx's transpose optimiser, moving a channels-last
+    LayerNorm to channels-first, turns the transpose of the mean ([N, H, W, 1] -> [N, 1, H, W])
+    into a Reshape to a fixed [-1, 1, H, W]. Such a Reshape changes nothing where the shapes
+    agree; the kernel checks that they do when it runs (layer_norm's ``mean_view``)."""
+    node = g.node(value, "Reshape")
+    shape = g.constant(node.input[1]) if node is not None and len(node.input) == 2 else None
+    if shape is None or shape.dtype.kind not in "iu" or shape.ndim != 1 or _attr(node, "allowzero", 0):
+        return None
+    return node, tuple(int(d) for d in shape)
+
+
 def _keras_offset(g: _Graph, value: str, mean: str, inv: str):
     """value = beta - mean * inv, or -mean * inv without beta: (nodes, beta or None), else None."""
     node = g.node(value, "Add", "Sub")
@@ -441,18 +453,20 @@ def _keras_layer_norm(g: _Graph, end: onnx.NodeProto) -> _Match | None:
             if sub is None or sub.input[0] != x:
                 continue
             found = _mean_square_plus_eps(g, add, sub.output[0])
-            mean = _mean_node(g, sub.input[1])
+            mean, view = _mean_node(g, sub.input[1]), _mean_view(g, sub.input[1])
+            if view is not None:
+                mean = _mean_node(g, view[0].input[0])
             if found is None or mean is None or mean.input[0] != x or _mean_axes(g, mean) != found[2]:
                 continue
-            shifted = _keras_offset(g, offset, mean.output[0], inv)
+            shifted = _keras_offset(g, offset, mean.output[0], inv) or _keras_offset(g, offset, sub.input[1], inv)
             if shifted is None or (shifted[1] is not None and gamma is None):
                 continue  # a shift without a scale is left to the nodes
             (offset_nodes, beta), (square, var_mean, axes, eps) = shifted, found
-            nodes = (mean, sub, square, var_mean, add, *inverse, xs, *offset_nodes, end)
+            nodes = (mean, *(view[:1] if view else ()), sub, square, var_mean, add, *inverse, xs, *offset_nodes, end)
             extra = tuple(v for v in (gamma, beta) if v is not None)
             if set(extra) & {out for node in nodes for out in node.output}:
                 continue  # gamma or beta computed inside the chain itself
-            return _Match(x, nodes, extra, (*axes, ("eps", eps)))
+            return _Match(x, nodes, extra, (*axes, ("eps", eps), *((("mean_view", view[1]),) if view else ())))
     return None
 
 
@@ -559,9 +573,23 @@ def rms_norm(x, scale=None, *, eps: float, dims: int | None = None, axes: tuple[
 KERNELS["rms_norm"] = rms_norm
 
 
+def _check_identity_view(x, over: tuple[int, ...], view: tuple[int, ...]) -> None:
+    """A Reshape of the mean to ``view`` (see _mean_view) must give the mean's own shape."""
+    shape = [1 if a in over else d for a, d in enumerate(x.shape)]
+    wanted = [shape[i] if d == 0 and i < len(shape) else d for i, d in enumerate(view)]
+    if wanted.count(-1) == 1:
+        known = math.prod(d for d in wanted if d != -1)
+        wanted[wanted.index(-1)] = math.prod(shape) // known if known else -1
+    if wanted != shape:
+        raise ValueError(f"the LayerNorm's mean of shape {shape} is reshaped to {list(view)}, which is not its own shape")
+
+
 def layer_norm(x, scale=None, shift=None, *, eps: float, dims: int | None = None,
-               axes: tuple[int, ...] | None = None, first_axis: int | None = None):
+               axes: tuple[int, ...] | None = None, first_axis: int | None = None,
+               mean_view: tuple[int, ...] | None = None):
     over = _normalized_axes(x, dims, axes, first_axis)
+    if mean_view is not None:
+        _check_identity_view(x, over, mean_view)
     shape = tuple(x.shape[a] for a in over)
     if over and over == tuple(range(x.dim() - len(over), x.dim())):
         weight, bias = _as_shape(scale, shape, x.dim()), _as_shape(shift, shape, x.dim())

@@ -383,6 +383,44 @@ def test_keras_layer_norms_it_cannot_prove_are_left_to_the_nodes(case):
     assert_close(reference, ours, rtol=1e-5, atol=1e-5)
 
 
+def _keras_layer_norm_with_mean_view(view):
+    """tf2onnx's transpose optimiser moves a channels-last LayerNorm to channels-first: the mean
+    over axis 1 reaches the Sub through a Reshape to a fixed [-1, 1, H, W]."""
+    nodes, constants = _keras_layer_norm(mean=(1,))
+    nodes[1] = helper.make_node("Sub", ["x", "mv"], ["d"])
+    nodes.insert(1, helper.make_node("Reshape", ["m", "view"], ["mv"]))
+    rng = np.random.default_rng(4)
+    constants.update(g=rng.uniform(0.5, 1.5, (1, 3, 1, 1)), b=rng.normal(size=(1, 3, 1, 1)))
+    model = _model(nodes, opset=13, constants=constants, x_shape=(2, 3, 4, 4))
+    model.graph.initializer.append(numpy_helper.from_array(np.array(view, np.int64), "view"))
+    return model
+
+
+def test_a_keras_layer_norm_moved_to_channels_first_by_tf2onnx_fuses():
+    model = _keras_layer_norm_with_mean_view([-1, 1, 4, 4])
+    module = OnnxModule(model)
+    assert module.fusions == Counter({"layer_norm": 1})
+    assert sorted(s.name for s in module.sources.values() if s.role == "norm") == ["b", "g"]
+    x = np.random.default_rng(0).normal(1.0, 2.0, (2, 3, 4, 4)).astype(np.float32)
+    reference, ours = run_both(model, {"x": x})
+    assert_close(reference, ours, rtol=1e-5, atol=1e-5)
+    _assert_gradients_match_the_nodewise_plan(module, x, "s", atol=1e-5)
+
+
+def test_a_mean_view_that_is_not_the_means_shape_is_refused_when_it_runs():
+    # [2, 1, 4, 4] viewed as [1, 2, 4, 4] broadcasts against x [2, 2, 4, 4]: no longer a LayerNorm
+    model = _keras_layer_norm_with_mean_view([1, -1, 4, 4])
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", helper.TensorProto.FLOAT, [2, 2, 4, 4]))
+    for init in model.graph.initializer:
+        if init.name in ("g", "b"):
+            init.CopyFrom(numpy_helper.from_array(np.full((1, 2, 1, 1), 1.5 if init.name == "g" else 0.5, np.float32),
+                                                  init.name))
+    module = OnnxModule(model)
+    x = np.random.default_rng(0).normal(size=(2, 2, 4, 4)).astype(np.float32)
+    with pytest.raises(Exception, match="reshaped to"):
+        module.run({"x": torch.from_numpy(x)})
+
+
 def test_a_spelled_out_layer_norms_scale_and_shift_are_tuned_and_written_back(tmp_path):
     from fcpts_onnx import sparsify
     from fcpts_onnx.learner.options import LearnOptions

@@ -1,0 +1,101 @@
+"""Export the small Keras models under tests/data/tf2onnx/ with tf2onnx, as a Keras user would.
+
+TensorFlow cannot share this project's environment (and CI has no need of it), so this runs
+in a virtual environment of its own:
+
+    python -m venv /tmp/tfenv
+    /tmp/tfenv/bin/pip install tensorflow-cpu==2.21.0 tf2onnx==1.17.0
+    /tmp/tfenv/bin/python tools/export_keras.py [--out tests/data/tf2onnx]
+
+The weights are random (nothing is downloaded), drawn so that no tensor is the exporter's
+special case: biases and BatchNorm statistics are not zero (tf2onnx folds an Add of zeros
+away), LayerNorm's gamma and beta are not ones and zeros, and no two tensors are equal
+(tf2onnx stores equal constants once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def transformer(keras, seq=16, width=32, heads=4, classes=10):
+    """Two pre-norm encoder blocks: LayerNormalization, MultiHeadAttention, a tanh-GELU MLP."""
+    inp = keras.Input((seq, width))
+    x = inp
+    for _ in range(2):
+        h = keras.layers.LayerNormalization(epsilon=1e-6)(x)
+        x = x + keras.layers.MultiHeadAttention(heads, width // heads)(h, h)
+        h = keras.layers.LayerNormalization(epsilon=1e-6)(x)
+        # Keras 3's exact GELU uses Erfc, which tf2onnx 1.17 cannot convert
+        h = keras.layers.Dense(4 * width, activation=lambda t: keras.activations.gelu(t, approximate=True))(h)
+        x = x + keras.layers.Dense(width)(h)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inp, keras.layers.Dense(classes)(x), name="keras_transformer")
+
+
+def convnext(keras, size=32, width=32, classes=10):
+    """A ConvNeXt-style CNN on NHWC images: a BatchNorm stem, two blocks (7x7 depthwise,
+    LayerNormalization over channels, Dense 4C with GELU, Dense C, residual), a LayerNorm head."""
+    inp = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(width, 4, strides=4)(inp)
+    x = keras.layers.BatchNormalization()(x)
+    for _ in range(2):
+        h = keras.layers.DepthwiseConv2D(7, padding="same")(x)
+        h = keras.layers.LayerNormalization(epsilon=1e-6)(h)
+        h = keras.layers.Dense(4 * width, activation=lambda t: keras.activations.gelu(t, approximate=True))(h)
+        x = x + keras.layers.Dense(width)(h)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.LayerNormalization(epsilon=1e-6)(x)
+    return keras.Model(inp, keras.layers.Dense(classes)(x), name="keras_convnext")
+
+
+MODELS = {"keras_transformer": (transformer, 17), "keras_convnext": (convnext, 13)}
+
+
+def randomise(keras, model, seed: int) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.1, beta.shape),
+                               rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 2.0, var.shape)])
+        elif isinstance(layer, keras.layers.LayerNormalization):
+            gamma, beta = layer.get_weights()
+            layer.set_weights([gamma + rng.normal(0, 0.1, gamma.shape), beta + rng.normal(0, 0.1, beta.shape)])
+    for variable in model.weights:
+        if not np.any(variable.numpy()):  # biases start at zero
+            variable.assign(rng.normal(0, 0.05, variable.shape).astype(np.float32))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "tests" / "data" / "tf2onnx")
+    args = parser.parse_args()
+    import keras
+    import tensorflow as tf
+    import tf2onnx
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, (name, (build, opset)) in enumerate(MODELS.items()):
+        keras.utils.set_random_seed(i)
+        model = build(keras)
+        randomise(keras, model, seed=i)
+        spec = [tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="input")]
+        function = tf.function(lambda x, model=model: model(x, training=False), input_signature=spec)
+        path = args.out / f"{name}_opset{opset}.onnx"
+        proto, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=opset, output_path=str(path))
+        print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {len(proto.graph.node)} nodes, "
+              f"{path.stat().st_size} bytes, TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+              f"tf2onnx {tf2onnx.__version__}")
+
+
+if __name__ == "__main__":
+    main()
