@@ -25,10 +25,11 @@ from fcpts_onnx.learner.options import LearnOptions
 from fcpts_onnx.torchform import OnnxModule
 
 DATA = Path(__file__).parent / "data" / "tf2onnx"
-# file -> (input shape after the batch axis, fusions, LayerNorms x 2 x width, biases of Dense/Conv)
+# file -> (input shape after the batch axis, fusions, normalisation values (LayerNorms' gamma and
+# beta; the stem's BatchNorm, which tf2onnx writes as Mul and Add), biases of Dense/Conv)
 MODELS = {
     "keras_transformer_opset17.onnx": ((16, 32), {"layer_norm": 4, "gelu_tanh": 2}, 4 * 2 * 32, 2 * (4 * 32 + 128 + 32) + 10),
-    "keras_convnext_opset13.onnx": ((32, 32, 3), {"layer_norm": 3, "gelu_tanh": 2}, 3 * 2 * 32,
+    "keras_convnext_opset13.onnx": ((32, 32, 3), {"layer_norm": 3, "gelu_tanh": 2}, 3 * 2 * 32 + 2 * 32,
                                     32 + 2 * (32 + 128 + 32) + 10),
 }
 

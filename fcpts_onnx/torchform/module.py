@@ -202,6 +202,7 @@ class OnnxModule(nn.Module):
         if "bias" in tune:
             self._add_matmul_biases(model, index, add_parameter)
         if "norm" in tune:
+            self._add_channel_affines(model, index, add_parameter)
             # A LayerNorm or RMSNorm written out node by node (torch's exporters below opsets 17
             # and 23) has its scale (and shift) in a Mul (and an Add); they are normalisation
             # parameters all the same.
@@ -282,6 +283,51 @@ class OnnxModule(nn.Module):
                 elif len(dims) > 1:
                     continue
                 add_parameter(source, "bias")
+
+    def _add_channel_affines(self, model: onnx.ModelProto, index: GraphIndex, add_parameter) -> None:
+        """Add(Mul(x, scale), shift), scale and shift stored per channel (one axis longer than 1,
+        the same shape), is an inference-mode BatchNorm that the exporter wrote out: tf2onnx
+        does so wherever the BatchNorm cannot fold into a convolution (the pre-activation
+        BatchNorms of Keras's ResNetV2 and DenseNet, 0 of their normalisation parameters tuned
+        otherwise). Its scale and shift are normalisation parameters. Not where x is a graph
+        input or a view of one: that is the preprocessing's (x - mean) / std."""
+        producer_of = {out: node for node in model.graph.node for out in node.output}
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        inputs = set(self.input_names)
+
+        def stored_per_channel(name: str):
+            source, _ = index.resolve(name)
+            tensor = None if source is None else source.tensor(model)
+            if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT:
+                return None, None
+            dims = tuple(tensor.dims)
+            return (source, dims) if sum(d > 1 for d in dims) == 1 else (None, None)
+
+        def from_an_input(name: str) -> bool:
+            node = producer_of.get(name)
+            while node is not None and node.op_type in ("Transpose", "Reshape", "Cast", "Identity") and node.input:
+                name, node = node.input[0], producer_of.get(node.input[0])
+            return name in inputs
+
+        for mul in model.graph.node:
+            if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.input) != 2:
+                continue
+            after = consumers.get(mul.output[0], [])
+            if len(after) != 1 or after[0].op_type != "Add" or len(after[0].input) != 2:
+                continue
+            for x, scale_name in (mul.input, mul.input[::-1]):
+                scale, dims = stored_per_channel(scale_name)
+                shift_name = next(n for n in after[0].input if n != mul.output[0]) \
+                    if mul.output[0] in after[0].input else None
+                shift, shift_dims = stored_per_channel(shift_name) if shift_name else (None, None)
+                if scale is not None and shift is not None and dims == shift_dims and not from_an_input(x) \
+                        and stored_per_channel(x)[0] is None and index.resolve(x)[0] is None:
+                    add_parameter(scale, "norm")
+                    add_parameter(shift, "norm")
+                    break
 
     def _stored_constant(self, name: str) -> np.ndarray | None:
         """A constant's value, None for computed values and for parameters (they get tuned)."""

@@ -1,4 +1,5 @@
-"""Which constants added to a linear layer's output are tuned as its bias (OnnxModule)."""
+"""Which stored constants besides the prunable weights the trainable form tunes, and as what:
+biases of linear layers behind views, per-channel affine pairs (written-out BatchNorms)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,54 @@ def test_a_position_embedding_added_behind_a_view_stays_a_constant():
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "pos"], ["y"])]
     _, roles = _roles(_model(nodes, inits, (2, 3, 16)))
     assert roles == {"W": "weight"}
+
+
+def _conv_affine_model(pre="relu", scale_shape=(1, 4, 1, 1), shift_shape=(1, 4, 1, 1), second_reader=False):
+    """x -> Conv -> ReLU -> Mul(scale) -> Add(shift) -> Conv: tf2onnx's pre-activation BatchNorm.
+    ``pre="input"``: the Mul/Add act on the graph input instead (preprocessing)."""
+    rng = np.random.default_rng(3)
+    f32 = np.float32
+    inits = {"W1": rng.normal(size=(4, 3, 3, 3)).astype(f32), "W2": rng.normal(size=(2, 4, 1, 1)).astype(f32),
+             "s": rng.uniform(0.5, 1.5, scale_shape).astype(f32), "t": rng.normal(size=shift_shape).astype(f32)}
+    if pre == "input":
+        inits["W1"] = rng.normal(size=(4, 4, 3, 3)).astype(f32)
+        nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 1, 2, 3]),
+                 helper.make_node("Mul", ["xt", "s"], ["m"]), helper.make_node("Add", ["m", "t"], ["a"]),
+                 helper.make_node("Conv", ["a", "W1"], ["c1"]), helper.make_node("Relu", ["c1"], ["r"]),
+                 helper.make_node("Conv", ["r", "W2"], ["y"])]
+        return _model(nodes, inits, (2, 4, 8, 8))
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"]), helper.make_node("Relu", ["c1"], ["r"]),
+             helper.make_node("Mul", ["r", "s"], ["m"]), helper.make_node("Add", ["t", "m"], ["a"]),
+             helper.make_node("Conv", ["a", "W2"], ["c2"])]
+    if second_reader:  # the scaled value is read twice: not a BatchNorm's own
+        nodes += [helper.make_node("Add", ["c2", "m2"], ["y"]),
+                  helper.make_node("ReduceMean", ["m"], ["m2"], axes=[1], keepdims=1)]
+        nodes[-2], nodes[-1] = nodes[-1], nodes[-2]
+    else:
+        nodes[-1].output[0] = "y"
+    return _model(nodes, inits, (2, 3, 8, 8))
+
+
+def test_a_written_out_batch_norm_after_an_activation_is_tuned_as_normalisation():
+    model = _conv_affine_model()
+    module, roles = _roles(model)
+    assert roles == {"W1": "weight", "W2": "weight", "s": "norm", "t": "norm"}
+    x = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    reference, ours = run_both(model, {"x": x})
+    assert_close(reference, ours)
+    module.run({"x": torch.from_numpy(x)})["y"].square().sum().backward()
+    norms = module.parameters_by_role("norm")
+    assert len(norms) == 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in norms.values())
+
+
+@pytest.mark.parametrize("case", ["preprocessing of the input", "scalar scale", "shift of another shape",
+                                  "scaled value read twice"])
+def test_affine_pairs_that_are_not_a_batch_norm_stay_constants(case):
+    model = {
+        "preprocessing of the input": lambda: _conv_affine_model(pre="input"),
+        "scalar scale": lambda: _conv_affine_model(scale_shape=()),
+        "shift of another shape": lambda: _conv_affine_model(shift_shape=(1, 4, 8, 1)),
+        "scaled value read twice": lambda: _conv_affine_model(second_reader=True),
+    }[case]()
+    _, roles = _roles(model)
+    assert roles == {"W1": "weight", "W2": "weight"}
