@@ -6,6 +6,11 @@ in a virtual environment of its own:
     python -m venv /tmp/tfenv
     /tmp/tfenv/bin/pip install tensorflow-cpu==2.21.0 tf2onnx==1.17.0
     /tmp/tfenv/bin/python tools/export_keras.py [--out tests/data/tf2onnx]
+    /tmp/tfenv/bin/python tools/export_keras.py --applications /tmp/keras_apps [--opset 13]
+
+The second form exports six keras.applications models (MobileNetV3Small, EfficientNetV2B0,
+ResNet50V2, DenseNet121, Xception, NASNetMobile; small inputs, 10 classes) for a parity sweep
+by hand (`fcpts-onnx inspect FILE --parity`); they are too large for the repository.
 
 The weights are random (nothing is downloaded), drawn so that no tensor is the exporter's
 special case: biases and BatchNorm statistics are not zero (tf2onnx folds an Add of zeros
@@ -58,6 +63,19 @@ def convnext(keras, size=32, width=32, classes=10):
 MODELS = {"keras_transformer": (transformer, 17), "keras_convnext": (convnext, 13)}
 
 
+def applications(keras):
+    """keras.applications models, random weights, at the smallest inputs they accept."""
+    a = keras.applications
+    return {
+        "mobilenetv3small": lambda: a.MobileNetV3Small(input_shape=(96, 96, 3), weights=None, classes=10),
+        "efficientnetv2b0": lambda: a.EfficientNetV2B0(input_shape=(64, 64, 3), weights=None, classes=10),
+        "resnet50v2": lambda: a.ResNet50V2(input_shape=(64, 64, 3), weights=None, classes=10),
+        "densenet121": lambda: a.DenseNet121(input_shape=(64, 64, 3), weights=None, classes=10),
+        "xception": lambda: a.Xception(input_shape=(71, 71, 3), weights=None, classes=10),
+        "nasnetmobile": lambda: a.NASNetMobile(input_shape=(64, 64, 3), weights=None, classes=10),
+    }
+
+
 def randomise(keras, model, seed: int) -> None:
     import numpy as np
 
@@ -78,15 +96,22 @@ def randomise(keras, model, seed: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "data" / "tf2onnx")
+    parser.add_argument("--applications", type=Path, metavar="DIR", help="export keras.applications models there")
+    parser.add_argument("--opset", type=int, default=13, help="with --applications")
     args = parser.parse_args()
     import keras
     import tensorflow as tf
     import tf2onnx
 
+    if args.applications:
+        args.out = args.applications
+        todo = {name: (make, args.opset) for name, make in applications(keras).items()}
+    else:
+        todo = {name: (lambda build=build: build(keras), opset) for name, (build, opset) in MODELS.items()}
     args.out.mkdir(parents=True, exist_ok=True)
-    for i, (name, (build, opset)) in enumerate(MODELS.items()):
+    for i, (name, (build, opset)) in enumerate(todo.items()):
         keras.utils.set_random_seed(i)
-        model = build(keras)
+        model = build()
         randomise(keras, model, seed=i)
         spec = [tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="input")]
         function = tf.function(lambda x, model=model: model(x, training=False), input_signature=spec)
