@@ -352,10 +352,15 @@ def _shape_map(model: onnx.ModelProto,
 
 
 def _node_macs(node: onnx.NodeProto, weight_shape: tuple[int, ...], weight_input: int,
-               shapes: dict[str, tuple[int | None, ...]]) -> int | None:
-    """Multiply-accumulates of one node per inference, the batch dimension counted as 1."""
+               shapes: dict[str, tuple[int | None, ...]], batch_pinned: bool = False) -> int | None:
+    """Multiply-accumulates of one node per inference, the batch dimension counted as 1.
+
+    ``batch_pinned``: the graph inputs were pinned to batch 1, so a first axis that shape
+    inference still leaves unknown is not the batch (tf2onnx's Dense on a sequence multiplies
+    [N * T, C] by W, its row count from Shape ops): the count is then unknown, not T times too
+    small, and a measured run can fill it in."""
     def per_inference(shape):
-        if shape is None or not shape:
+        if shape is None or not shape or (batch_pinned and shape[0] is None):
             return None
         dims = list(shape)
         dims[0] = 1 if dims[0] is None else dims[0]
@@ -569,7 +574,8 @@ def assign_macs(model: onnx.ModelProto, weights: list[PrunableWeight],
     shapes = _shape_map(model, input_shapes)
 
     def node_macs(w: PrunableWeight) -> list[int | None]:
-        return [_node_macs(model.graph.node[c.node_index], c.view_shape(w.shape), c.input_index, shapes)
+        return [_node_macs(model.graph.node[c.node_index], c.view_shape(w.shape), c.input_index, shapes,
+                           batch_pinned=bool(input_shapes))
                 for c in w.consumers]
 
     if feed is not None:

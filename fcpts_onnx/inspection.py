@@ -32,10 +32,11 @@ def inspect_model(model_path: str | Path, *, nodes_to_exclude: tuple[str, ...] =
         feed = generate(specs, shapes={s.name: (1, *input_shapes[s.name][1:]) for s in specs
                                        if s.name in input_shapes}).take(slice(0, 1)).arrays
         assign_macs(model, found.weights, input_shapes, feed=feed)
-    elif any(w.macs is None for w in found.weights):
-        # Shape inference stopped (at a contrib op such as onnxruntime's FusedConv, or a Reshape
-        # fed by Shape): where only the batch is dynamic, one onnxruntime run at batch 1 measures
-        # the shapes, as --shape would.
+    elif found.weights:
+        # Shape inference stops at contrib ops such as onnxruntime's FusedConv, and at a Reshape
+        # fed by Shape ops (where an unknown first axis may be batch x tokens, not the batch):
+        # where only the batch is dynamic, the inputs are pinned to batch 1 and one onnxruntime
+        # run measures what inference leaves unknown, as --shape would.
         specs = graph_inputs(model)
         if all(s.dims is not None and all(isinstance(d, int) for d in s.dims[1:]) for s in specs):
             shapes = {s.name: (s.dims[0] if isinstance(s.dims[0], int) else 1, *s.dims[1:]) for s in specs if s.dims}

@@ -82,3 +82,16 @@ def test_keras_exports_sparsify_end_to_end_with_tuned_norms_written_back(name, t
         assert len(moved) == len(names), (role, sorted(names - set(moved)))
     x = calib["input"][:4]
     assert np.isfinite(_ort(out, x)).all()
+
+
+def test_macs_of_a_dense_layer_on_a_flattened_sequence_count_every_token():
+    # tf2onnx's Dense on [N, T, C] multiplies [N * T, C] by W, its rows from Shape ops: counting
+    # that unknown first axis as the batch made the MACs T (16) times too small
+    from fcpts_onnx.inspection import inspect_model
+
+    layers = {layer["name"]: layer for layer in inspect_model(DATA / "keras_transformer_opset17.onnx")["layers"]}
+    dense = [layer for name, layer in layers.items() if "/dense_" in name and "dense_4" not in name]
+    assert len(dense) == 4
+    assert all(layer["macs"] == 16 * layer["params"] for layer in dense)
+    head = next(layer for name, layer in layers.items() if "dense_4" in name)
+    assert head["macs"] == head["params"]  # after the mean over tokens: one row
