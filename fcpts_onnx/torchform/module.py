@@ -99,9 +99,13 @@ def refuse_unsupported(model: onnx.ModelProto) -> None:
     missing = unsupported_operators(model)
     if missing:
         listing = ", ".join(f"{op} ({d} opset {v}) x{n}" for d, op, v, n in missing)
+        # skl2onnx puts a ZipMap (a list of {class: probability} maps, no tensor) after every
+        # classifier unless told not to
+        zipmap = any(op == "ZipMap" for _, op, _, _ in missing)
         raise UnsupportedModelError(
             f"the trainable form does not support {len(missing)} operator(s): {listing}; "
-            "use a data-free method (--method global/lamp/erk/uniform) or re-export without them"
+            + ("re-export with skl2onnx's options={id(model): {'zipmap': False}}, or " if zipmap else "")
+            + "use a data-free method (--method global/lamp/erk/uniform) or re-export without them"
         )
 
 
@@ -276,12 +280,12 @@ class OnnxModule(nn.Module):
                 if not prunable or source is None or source.tensor(model).data_type != onnx.TensorProto.FLOAT:
                     continue
                 dims = list(source.tensor(model).dims)
+                outputs = _output_features(producer, prunable[0], index, model)
                 if through_view:
-                    outputs = _output_features(producer, prunable[0], index, model)
                     if outputs is None or math.prod(dims) != outputs:
                         continue
-                elif len(dims) > 1:
-                    continue
+                elif len(dims) > 1 and not (dims[-1] == outputs and all(d == 1 for d in dims[:-1])):
+                    continue  # [1, N] is a bias as [N] is (skl2onnx's intercepts)
                 add_parameter(source, "bias")
 
     def _add_channel_affines(self, model: onnx.ModelProto, index: GraphIndex, add_parameter) -> None:

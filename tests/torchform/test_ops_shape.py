@@ -648,3 +648,16 @@ def test_range_count_where_float_rounding_decides(kind, start, length, delta):
     limit = start + length * delta
     feeds = {"s": np.array(start, kind), "l": np.array(limit, kind), "d": np.array(delta, kind)}
     check_node(node("Range", ["s", "l", "d"]), feeds, opset=11)
+
+
+@SETTINGS
+@given(shape=shapes, data=st.data(), seed=seeds, dtype=st.sampled_from([np.float32, np.int64]))
+def test_array_feature_extractor(shape, data, seed, dtype):
+    # ai.onnx.ml: x[..., indices], indices flattened; a 1-D x gives [1, n] (skl2onnx's labels)
+    x = rand(shape, seed) if dtype == np.float32 else np.arange(math.prod(shape), dtype=np.int64).reshape(shape)
+    size = shape[-1]
+    picks = data.draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=5))
+    index_shape = data.draw(st.sampled_from([(len(picks),), (1, len(picks))]))
+    indices = np.array(picks, np.int64).reshape(index_shape)
+    check_node(helper.make_node("ArrayFeatureExtractor", ["x", "i"], ["y"], domain="ai.onnx.ml"), {"x": x},
+               initializers={"i": indices})

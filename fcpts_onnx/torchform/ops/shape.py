@@ -438,3 +438,15 @@ def compress(ctx, x, condition):
         axis = _axis(axis, x.dim())
     keep = condition.to(x.device).reshape(-1)[: x.shape[axis]].to(torch.bool)
     return x.index_select(axis, torch.nonzero(keep).reshape(-1))
+
+
+@register("ArrayFeatureExtractor", since=1, domain="ai.onnx.ml")
+def array_feature_extractor(ctx, x, indices):
+    """x[..., indices] (indices flattened); a 1-D x gives [1, n], as onnxruntime does. skl2onnx
+    maps a classifier's argmax to its class labels so."""
+    idx = indices.to(device=x.device, dtype=torch.int64).reshape(-1)
+    size = x.shape[-1]
+    if idx.numel() and x.device.type == "cpu" and bool(((idx < 0) | (idx >= size)).any()):
+        raise IndexError(f"ArrayFeatureExtractor index out of range for a last axis of {size}")
+    out = x.index_select(x.dim() - 1, idx)
+    return out.reshape(1, -1) if x.dim() == 1 else out
