@@ -73,14 +73,22 @@ class Consumer:
     input_index: int
     node_index: int
     perm: tuple[int, ...] | None = None
-    via: tuple[str, ...] = ()  # Transpose/Cast nodes between the stored tensor and this input
+    via: tuple[str, ...] = ()  # Transpose/Reshape/Cast nodes between the stored tensor and this input
+    # the shape a Reshape gives the stored tensor before any Transpose (tf.keras's attention output
+    # projection: [1, 1, 32, 4, 8] read as [32, 32]); perm then permutes this layout
+    reshaped: tuple[int, ...] | None = None
 
     def view_shape(self, stored_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The weight's shape as this node reads it."""
-        return stored_shape if self.perm is None else tuple(stored_shape[a] for a in self.perm)
+        layout = self.layout(stored_shape)
+        return layout if self.perm is None else tuple(layout[a] for a in self.perm)
+
+    def layout(self, stored_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The stored tensor's shape after the Reshape between (the stored shape without one)."""
+        return stored_shape if self.reshaped is None else self.reshaped
 
     def stored_axis(self, axis: int) -> int:
-        """The stored tensor's axis behind this node's ``axis``."""
+        """The axis behind this node's ``axis`` in the stored tensor viewed as ``layout``."""
         return axis if self.perm is None else self.perm[axis]
 
 
@@ -126,7 +134,8 @@ class PrunableWeight:
         """The shape of one weight matrix, for ERK's fan-in + fan-out rule: a recurrent weight
         holds one [gates * hidden, input] matrix per direction, and the directions are not a
         kernel axis (counted as one, a bidirectional layer would get half its ERK density)."""
-        return self.shape[1:] if self.op_type in RECURRENT_OP_TYPES else self.shape
+        shape = self.consumers[0].layout(self.shape) if self.consumers else self.shape
+        return shape[1:] if self.op_type in RECURRENT_OP_TYPES else shape
 
     @property
     def node_names(self) -> list[str]:
@@ -194,7 +203,7 @@ def _node_label(node: onnx.NodeProto, index: int) -> str:
 class GraphIndex:
     """Name lookups over the main graph: initializers, producers, Constant nodes."""
 
-    def __init__(self, graph: onnx.GraphProto):
+    def __init__(self, graph: onnx.GraphProto, opset_imports: Sequence[onnx.OperatorSetIdProto] = ()):
         self.initializers = {t.name: i for i, t in enumerate(graph.initializer)}
         self.producers: dict[str, int] = {}
         for i, node in enumerate(graph.node):
@@ -202,6 +211,9 @@ class GraphIndex:
                 if out:
                     self.producers[out] = i
         self.graph = graph
+        # the model's opsets, for evaluating constant subgraphs; without them nothing is evaluated
+        self.opset_imports = list(opset_imports)
+        self._static: dict[str, np.ndarray | None] = {}
 
     def resolve(self, name: str, through_views: bool = False) -> tuple[ConstantSource | None, str | None]:
         """Follow Identity nodes back to a constant; returns (source, producer op that stopped us).
@@ -210,43 +222,103 @@ class GraphIndex:
         which values are zero nor their magnitude order, so pruning the stored tensor prunes
         what the reader sees (how dynamo writes Linear without its optimizer, how fp16/bf16
         storage is cast up for fp32 compute)."""
-        source, stopped_by, _, _ = self.resolve_view(name) if through_views else self._walk(name, False)
+        source, stopped_by = (self.resolve_view(name) if through_views else self._walk(name, False))[:2]
         return source, stopped_by
 
     def resolve_view(self, name: str) -> tuple[ConstantSource | None, str | None, tuple[int, ...] | None,
-                                                tuple[str, ...]]:
+                                                tuple[str, ...], tuple[int, ...] | None]:
         """Like resolve through views; also returns the composed permutation (the reader's
-        axis i is the stored axis perm[i]; None without Transpose) and the view ops passed."""
-        source, stopped_by, perms, via = self._walk(name, True)
+        axis i is the stored axis perm[i]; None without Transpose), the view ops passed, and the
+        shape a Reshape gives the stored tensor (None without one; perm permutes that layout)."""
+        source, stopped_by, perms, via, target = self._walk(name, True)
+        reshaped = None
+        if source is not None and target is not None:
+            reshaped = _reshaped(tuple(source.tensor_dims(self.graph)), target)
+            if reshaped is None:
+                return None, "Reshape", None, via, None
         if source is None or not perms:
-            return source, stopped_by, None, via
-        rank = len(source.tensor_dims(self.graph))
+            return source, stopped_by, None, via, reshaped
+        rank = len(reshaped if reshaped is not None else source.tensor_dims(self.graph))
         composed = list(range(rank))
         for perm in perms:  # nearest the reader first: P_new[i] = p[P[i]]
             p = list(reversed(range(rank))) if perm is None else perm
             if sorted(p) != list(range(rank)):
-                return None, "Transpose", None, via  # a perm that does not fit the tensor: not ours to read
+                return None, "Transpose", None, via, None  # a perm that does not fit the tensor: not ours to read
             composed = [p[a] for a in composed]
-        return source, None, tuple(composed), via
+        return source, None, tuple(composed), via, reshaped
+
+    def static_value(self, name: str, limit: int = 64) -> np.ndarray | None:
+        """The value of ``name`` where constants alone decide it (tf2onnx computes some Reshape
+        targets with Shape, Gather and Concat of stored tensors), evaluated by onnx's reference
+        evaluator over at most ``limit`` nodes; None where a graph input or anything else
+        reaches it."""
+        if name in self._static:
+            return self._static[name]
+        value = None
+        order: list[int] = []
+        stack, seen = [name], set()
+        while stack and len(order) <= limit:
+            value_name = stack.pop()
+            if value_name in seen or value_name in self.initializers or not value_name:
+                continue
+            seen.add(value_name)
+            if value_name not in self.producers:
+                order = []
+                break
+            i = self.producers[value_name]
+            node = self.graph.node[i]
+            if node.domain not in ("", "ai.onnx") or node.op_type in SUBGRAPH_OP_TYPES:
+                order = []
+                break
+            order.append(i)
+            stack.extend(node.input)
+        if order and len(order) <= limit and self.opset_imports:
+            nodes = [self.graph.node[i] for i in sorted(set(order))]
+            needed = {n for node in nodes for n in node.input} & set(self.initializers)
+            graph = onnx.helper.make_graph(nodes, "static", [], [onnx.ValueInfoProto(name=name)],
+                                           [self.graph.initializer[self.initializers[n]] for n in sorted(needed)])
+            try:
+                from onnx.reference import ReferenceEvaluator
+
+                model = onnx.helper.make_model(graph, opset_imports=self.opset_imports)
+                value = np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+            except Exception:  # not evaluable here: the weight stays unread, as before
+                value = None
+        elif name in self.initializers:
+            value = onnx.numpy_helper.to_array(self.graph.initializer[self.initializers[name]])
+        self._static[name] = value
+        return value
 
     def _walk(self, name: str, through_views: bool):
         seen = set()
         perms: list[list[int] | None] = []
         via: list[str] = []
+        target = None  # a Reshape's shape, where one stands between
         while name not in seen:
             seen.add(name)
             if name in self.initializers:
-                return ConstantSource("initializer", self.initializers[name], name), None, perms, tuple(via)
+                return ConstantSource("initializer", self.initializers[name], name), None, perms, tuple(via), target
             if name not in self.producers:
-                return None, None, perms, tuple(via)  # a graph input or an outer-scope name
+                return None, None, perms, tuple(via), target  # a graph input or an outer-scope name
             node = self.graph.node[self.producers[name]]
             standard = node.domain in ("", "ai.onnx")
             if node.op_type == "Identity" and standard and node.input:
                 name = node.input[0]
                 continue
             if through_views and node.op_type == "Transpose" and standard and node.input:
+                if target is not None:  # a Transpose before the Reshape: its layout is not ours to map
+                    return None, "Transpose", perms, tuple(via), None
                 perms.append(next((list(a.ints) for a in node.attribute if a.name == "perm"), None))
                 via.append("Transpose")
+                name = node.input[0]
+                continue
+            if through_views and node.op_type == "Reshape" and standard and len(node.input) == 2 and target is None \
+                    and not next((a.i for a in node.attribute if a.name == "allowzero"), 0):
+                shape = self.static_value(node.input[1])
+                if shape is None or shape.dtype.kind not in "iu" or shape.ndim != 1:
+                    return None, "Reshape", perms, tuple(via), None
+                target = tuple(int(d) for d in shape)
+                via.append("Reshape")
                 name = node.input[0]
                 continue
             if through_views and node.op_type == "Cast" and standard and node.input and \
@@ -256,10 +328,26 @@ class GraphIndex:
                 continue
             if node.op_type == "Constant" and standard:
                 if any(a.name == "value" for a in node.attribute):
-                    return ConstantSource("constant", self.producers[name], node.output[0]), None, perms, tuple(via)
-                return None, "Constant", perms, tuple(via)
-            return None, node.op_type, perms, tuple(via)
-        return None, None, perms, tuple(via)
+                    return ConstantSource("constant", self.producers[name], node.output[0]), None, perms, tuple(via), \
+                        target
+                return None, "Constant", perms, tuple(via), None
+            return None, node.op_type, perms, tuple(via), None
+        return None, None, perms, tuple(via), None
+
+
+def _reshaped(stored: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, ...] | None:
+    """ONNX Reshape's output shape for a tensor of shape ``stored`` (0 copies, one -1 infers);
+    None where the shape does not fit."""
+    dims = [stored[i] if d == 0 and i < len(stored) else d for i, d in enumerate(target)]
+    total = int(np.prod(stored, dtype=np.int64))
+    if dims.count(-1) == 1:
+        known = int(np.prod([d for d in dims if d != -1], dtype=np.int64))
+        if known <= 0 or total % known:
+            return None
+        dims[dims.index(-1)] = total // known
+    if any(d < 0 for d in dims) or int(np.prod(dims, dtype=np.int64)) != total:
+        return None
+    return tuple(dims)
 
 
 def _weight_input_indices(node: onnx.NodeProto, index: GraphIndex) -> list[int]:
@@ -476,7 +564,7 @@ def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
     selected_ops = set(op_types) if op_types is not None else set(PRUNABLE_OP_TYPES)
     external = set(external)
     graph = model.graph
-    index = GraphIndex(graph)
+    index = GraphIndex(graph, model.opset_import)
 
     by_source: dict[ConstantSource, PrunableWeight] = {}
     skipped: list[SkippedWeight] = []
@@ -489,10 +577,10 @@ def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
         if plain_op_type(node.op_type, node.domain) is None:
             continue
         for k in _weight_input_indices(node, index):
-            source, _, perm, via = index.resolve_view(node.input[k])
+            source, _, perm, via, reshaped = index.resolve_view(node.input[k])
             tensor = source.tensor(model)
             shape = tuple(int(d) for d in tensor.dims)
-            consumer = Consumer(label, node.op_type, k, i, perm, via)
+            consumer = Consumer(label, node.op_type, k, i, perm, via, reshaped)
             reason = None
             if tensor.data_type not in FLOAT_TYPES:
                 reason = f"{onnx.TensorProto.DataType.Name(tensor.data_type)} weight; only float weights are pruned"

@@ -431,3 +431,57 @@ def test_transpose_with_a_perm_that_does_not_fit_is_left_alone():
     model.graph.node[0].attribute[0].ints[:] = [0, 1, 2]  # rank 3 perm on a 2-D weight: invalid
     found = discover(model)
     assert found.weights == []
+
+
+def _reshaped_weight_model(shape_source: str):
+    """x [N, 6] @ Reshape(W [1, 2, 3, 4], shape): tf.keras's attention output projection, its
+    Reshape's shape computed from Shape nodes of the stored tensor ("computed"), stored ("stored"),
+    read off the input ("from the input"), or the weight transposed before the Reshape."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(1, 2, 3, 4)).astype(np.float32), "W")]
+    nodes = []
+    if shape_source == "computed":  # [prod(dims 1..2), dim 3] of W itself
+        inits += [numpy_helper.from_array(np.array([1, 2], np.int64), "lead"),
+                  numpy_helper.from_array(np.array([3], np.int64), "last")]
+        nodes += [helper.make_node("Shape", ["W"], ["ws"]), helper.make_node("Gather", ["ws", "lead"], ["wl"]),
+                  helper.make_node("ReduceProd", ["wl"], ["rows"], keepdims=1),
+                  helper.make_node("Gather", ["ws", "last"], ["cols"]),
+                  helper.make_node("Concat", ["rows", "cols"], ["shape"], axis=0)]
+    elif shape_source == "from the input":
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), "one"))
+        nodes += [helper.make_node("Shape", ["x"], ["xs"]), helper.make_node("Gather", ["xs", "one"], ["rows"]),
+                  helper.make_node("Concat", ["rows", "minus1"], ["shape"], axis=0)]
+        inits.append(numpy_helper.from_array(np.array([-1], np.int64), "minus1"))
+    else:
+        inits.append(numpy_helper.from_array(np.array([6, 0], np.int64) if shape_source == "stored"
+                                             else np.array([6, -1], np.int64), "shape"))
+    source = "W"
+    if shape_source == "transposed first":
+        nodes.append(helper.make_node("Transpose", ["W"], ["Wt"], perm=[0, 2, 1, 3]))
+        source = "Wt"
+    nodes += [helper.make_node("Reshape", [source, "shape"], ["Wr"]), helper.make_node("MatMul", ["x", "Wr"], ["y"])]
+    graph = helper.make_graph(nodes, "reshaped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("shape_source", ["computed", "stored"])
+def test_a_weight_behind_a_reshape_known_before_the_run_is_prunable_in_the_layout_it_is_read(shape_source):
+    model = _reshaped_weight_model(shape_source)
+    if shape_source == "stored":  # 0 copies the stored axis: [6, 0] of [1, 2, 3, 4] is [6, 2]... which does not fit
+        found = discover(model)
+        assert found.weights == []
+        model.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.array([6, -1], np.int64), "shape"))
+    (w,) = discover(model).weights
+    assert w.shape == (1, 2, 3, 4) and w.where == "initializer via Reshape"
+    assert w.consumers[0].view_shape(w.shape) == (6, 4) and w.matrix_shape == (6, 4)
+    x = np.random.default_rng(1).normal(size=(5, 6)).astype(np.float32)
+    (ours,) = _ort_runs(model, {"x": x})
+    assert ours.shape == (5, 4)
+
+
+@pytest.mark.parametrize("shape_source", ["from the input", "transposed first"])
+def test_a_weight_behind_a_reshape_it_cannot_read_before_the_run_is_left_alone(shape_source):
+    assert discover(_reshaped_weight_model(shape_source)).weights == []

@@ -31,7 +31,13 @@ MODELS = {
     "keras_transformer_opset17.onnx": ((16, 32), {"layer_norm": 4, "gelu_tanh": 2}, 4 * 2 * 32, 2 * (4 * 32 + 128 + 32) + 10),
     "keras_convnext_opset13.onnx": ((32, 32, 3), {"layer_norm": 3, "gelu_tanh": 2}, 3 * 2 * 32 + 2 * 32,
                                     32 + 2 * (32 + 128 + 32) + 10),
+    "tf_keras_transformer_opset15.onnx": ((16, 32), {"layer_norm": 4}, 4 * 2 * 32, 2 * (4 * 32 + 128 + 32) + 10),
 }
+
+# every Dense, attention projection and convolution weight
+PRUNABLE = {"keras_transformer_opset17.onnx": 2 * (4 * 32 * 32 + 2 * 32 * 128) + 32 * 10,
+            "keras_convnext_opset13.onnx": 4 * 4 * 3 * 32 + 2 * (7 * 7 * 32 + 2 * 32 * 128) + 32 * 10}
+PRUNABLE["tf_keras_transformer_opset15.onnx"] = PRUNABLE["keras_transformer_opset17.onnx"]
 
 
 def _ort(path: Path, x: np.ndarray) -> np.ndarray:
@@ -52,9 +58,10 @@ def test_keras_exports_run_exactly_with_norms_and_biases_tuned(name):
     rng = np.random.default_rng(0)
     for batch in (2, 5):  # the batch axis is dynamic
         x = rng.normal(size=(batch, *shape)).astype(np.float32)
-        ours = module.run({"input": torch.from_numpy(x)})[model.graph.output[0].name]
+        ours = module.run({model.graph.input[0].name: torch.from_numpy(x)})[model.graph.output[0].name]
         reference = _ort(DATA / name, x)
         np.testing.assert_allclose(ours.detach().numpy(), reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+    assert sum(p.numel() for p in module.parameters_by_role("weight").values()) == PRUNABLE[name]
     ours.square().sum().backward()
     for role in ("weight", "norm", "bias"):
         for key, p in module.parameters_by_role(role).items():
@@ -66,7 +73,7 @@ def test_keras_exports_sparsify_end_to_end_with_tuned_norms_written_back(name, t
     shape = MODELS[name][0]
     source = DATA / name
     before = hashlib.sha256(source.read_bytes()).hexdigest()
-    calib = {"input": np.random.default_rng(1).normal(size=(96, *shape)).astype(np.float32)}
+    calib = {onnx.load(str(source)).graph.input[0].name: np.random.default_rng(1).normal(size=(96, *shape)).astype(np.float32)}
     out = tmp_path / "sparse.onnx"
     report = sparsify(source, out, calib, sparsity=0.6, method="fcpts", reconstruct=True,
                       learn=LearnOptions(iters=12, seed=0), report_path=False)
@@ -80,7 +87,7 @@ def test_keras_exports_sparsify_end_to_end_with_tuned_norms_written_back(name, t
         assert names, role
         moved = [n for n in names if not np.array_equal(written[n], original[n])]
         assert len(moved) == len(names), (role, sorted(names - set(moved)))
-    x = calib["input"][:4]
+    x = next(iter(calib.values()))[:4]
     assert np.isfinite(_ort(out, x)).all()
 
 
@@ -95,3 +102,32 @@ def test_macs_of_a_dense_layer_on_a_flattened_sequence_count_every_token():
     assert all(layer["macs"] == 16 * layer["params"] for layer in dense)
     head = next(layer for name, layer in layers.items() if "dense_4" in name)
     assert head["macs"] == head["params"]  # after the mean over tokens: one row
+
+
+def test_tf_keras_attention_output_weights_behind_a_computed_reshape_are_pruned_per_output_channel(tmp_path):
+    # tf.keras's attention output projection is a [1, 1, 32, 4, 8] constant (heads x head_dim
+    # -> width) that a Reshape, its shape computed by Shape/Gather/Concat nodes, turns into the
+    # Gemm's [32, 32] B (transB): found through that Reshape, counted and pruned like the rest
+    from fcpts_onnx.discovery import discover
+
+    source = DATA / "tf_keras_transformer_opset15.onnx"
+    model = onnx.load(str(source))
+    behind = [w for w in discover(model).weights if "Reshape" in w.where]
+    assert len(behind) == 2
+    for w in behind:
+        assert w.shape == (1, 1, 32, 4, 8) and w.consumers[0].view_shape(w.shape) == (32, 32)
+        assert w.matrix_shape == (32, 32)
+    from fcpts_onnx.inspection import inspect_model
+
+    macs = {layer["name"]: layer["macs"] for layer in inspect_model(source)["layers"]}
+    assert all(macs[w.name] == 16 * 32 * 32 for w in behind)
+    calib = {"input_1": np.random.default_rng(2).normal(size=(64, 16, 32)).astype(np.float32)}
+    out = tmp_path / "sparse.onnx"
+    report = sparsify(source, out, calib, sparsity=0.97, method="fcpts", reconstruct=True,
+                      learn=LearnOptions(iters=6, seed=0), report_path=False)
+    assert report.zero_params == report.required_zeros
+    written = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+    for w in behind:
+        # each of the 32 outputs (the Gemm's B rows: the stored axis of 32) keeps a weight
+        read = written[w.name].reshape(32, 32)
+        assert (np.abs(read).max(axis=1) > 0).all(), w.name

@@ -4,7 +4,7 @@ TensorFlow cannot share this project's environment (and CI has no need of it), s
 in a virtual environment of its own:
 
     python -m venv /tmp/tfenv
-    /tmp/tfenv/bin/pip install tensorflow-cpu==2.21.0 tf2onnx==1.17.0
+    /tmp/tfenv/bin/pip install tensorflow-cpu==2.21.0 tf2onnx==1.17.0 tf-keras==2.21.0
     /tmp/tfenv/bin/python tools/export_keras.py [--out tests/data/tf2onnx]
     /tmp/tfenv/bin/python tools/export_keras.py --applications /tmp/keras_apps [--opset 13]
 
@@ -63,6 +63,24 @@ def convnext(keras, size=32, width=32, classes=10):
 MODELS = {"keras_transformer": (transformer, 17), "keras_convnext": (convnext, 13)}
 
 
+def tf_keras_transformer(seq=16, width=32, heads=4, classes=10):
+    """The transformer in tf.keras (Keras 2, the tf-keras package): its LayerNorm is written
+    ``Sub(beta, Mul(mean, inv))`` and, at tf2onnx's default opset 15, each attention block's
+    output projection reaches its Gemm through a Reshape whose shape Shape nodes compute."""
+    import tf_keras
+
+    inp = tf_keras.Input((seq, width))
+    x = inp
+    for _ in range(2):
+        h = tf_keras.layers.LayerNormalization(epsilon=1e-6)(x)
+        x = x + tf_keras.layers.MultiHeadAttention(heads, width // heads)(h, h)
+        h = tf_keras.layers.LayerNormalization(epsilon=1e-6)(x)
+        h = tf_keras.layers.Dense(4 * width, activation="relu")(h)  # its GELU needs Erfc too
+        x = x + tf_keras.layers.Dense(width)(h)
+    x = tf_keras.layers.GlobalAveragePooling1D()(x)
+    return tf_keras.Model(inp, tf_keras.layers.Dense(classes)(x), name="tf_keras_transformer")
+
+
 def applications(keras):
     """keras.applications models, random weights, at the smallest inputs they accept."""
     a = keras.applications
@@ -117,6 +135,19 @@ def main() -> None:
         function = tf.function(lambda x, model=model: model(x, training=False), input_signature=spec)
         path = args.out / f"{name}_opset{opset}.onnx"
         proto, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=opset, output_path=str(path))
+        print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {len(proto.graph.node)} nodes, "
+              f"{path.stat().st_size} bytes, TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+              f"tf2onnx {tf2onnx.__version__}")
+    if not args.applications:  # tf.keras, exported as its users do, at tf2onnx's default opset
+        import tf_keras
+
+        tf.random.set_seed(len(todo))
+        model = tf_keras_transformer()
+        randomise(tf_keras, model, seed=len(todo))
+        path = args.out / "tf_keras_transformer_opset15.onnx"
+        proto, _ = tf2onnx.convert.from_keras(model, opset=15, output_path=str(path))
+        print(f"{path}: {len(proto.graph.node)} nodes, {path.stat().st_size} bytes, TensorFlow {tf.__version__}, "
+              f"tf-keras {tf_keras.__version__}, tf2onnx {tf2onnx.__version__}")
         print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {len(proto.graph.node)} nodes, "
               f"{path.stat().st_size} bytes, TensorFlow {tf.__version__}, Keras {keras.__version__}, "
               f"tf2onnx {tf2onnx.__version__}")

@@ -49,6 +49,7 @@ class _Layer:
     tau: torch.Tensor | None = None
     upper: torch.Tensor | None = None
     protect: torch.Tensor | None = None  # bool, shaped like the weight
+    layout: tuple[int, ...] | None = None  # the shape out_axis refers to, where not the weight's own
 
     def threshold(self) -> torch.Tensor:
         return self.scale * torch.exp(self.theta)
@@ -63,6 +64,8 @@ class _Layer:
     def channel_protect(self) -> torch.Tensor:
         """True at each output channel's largest |w|: kept so no channel is cut off."""
         mags = self.weight.detach().abs()
+        if self.layout is not None:  # the stored tensor as a Reshape between gives it to the reader
+            mags = mags.reshape(self.layout)
         moved = mags.movedim(self.out_axis, 0).reshape(mags.shape[self.out_axis], -1)
         arg = moved.argmax(dim=1)
         protect = torch.zeros_like(moved, dtype=torch.bool)
@@ -119,7 +122,7 @@ class _TrialRun:
 def output_axis(weight: PrunableWeight, attrs_of: Callable[[int], dict]) -> int:
     """The axis of the stored weight that indexes output channels/features."""
     c = weight.consumers[0]
-    return c.stored_axis(_output_axis_as_read(c, len(weight.shape), attrs_of))
+    return c.stored_axis(_output_axis_as_read(c, len(c.view_shape(weight.shape)), attrs_of))
 
 
 def _output_axis_as_read(c, rank: int, attrs_of: Callable[[int], dict]) -> int:
@@ -350,8 +353,9 @@ class Learner:
             mags = param.detach().abs().reshape(-1)
             scale = float(mags.mean()) or 1.0
             theta = torch.nn.Parameter(torch.tensor(0.0, device=self.device))
+            layout = w.consumers[0].reshaped
             self.layers.append(_Layer(key, param, output_axis(w, attrs_of), scale, theta,
-                                      kde_index(mags.numel(), self.generator), int(cap)))
+                                      kde_index(mags.numel(), self.generator), int(cap), layout=layout))
         self.sizes = [w.size for w in weights]
         self.start_name = "given"
         self.start_candidates: dict[str, np.ndarray] = {}

@@ -125,11 +125,13 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
 
 def _output_features(node: onnx.NodeProto, weight_input: int, index: GraphIndex, model: onnx.ModelProto) -> int | None:
     """How many outputs the linear layer ``node`` (MatMul or Gemm) has, read off its weight at
-    ``weight_input`` where that is stored as it is used (no view between); else None."""
-    source, stopped_by = index.resolve(node.input[weight_input])
+    ``weight_input`` as the node reads it (through Transpose and Reshape views); else None."""
+    source, _, perm, _, reshaped = index.resolve_view(node.input[weight_input])
     if source is None:
         return None
-    dims = list(source.tensor(model).dims)
+    dims = list(reshaped if reshaped is not None else source.tensor(model).dims)
+    if perm is not None:
+        dims = [dims[a] for a in perm]
     if len(dims) < 2:
         return None
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -173,7 +175,7 @@ class OnnxModule(nn.Module):
         graph = model.graph
         opsets = {op.domain or "": op.version for op in model.opset_import}
         self.opset = opsets.get("", opsets.get("ai.onnx", 1))
-        index = GraphIndex(graph)
+        index = GraphIndex(graph, model.opset_import)
         self.input_names = [i.name for i in graph.input if i.name not in index.initializers]
         self.output_names = [o.name for o in graph.output]
         self.sources: dict[str, TensorSource] = {}  # parameter key -> ONNX tensor
