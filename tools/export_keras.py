@@ -29,19 +29,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def transformer(keras, seq=16, width=32, heads=4, classes=10):
-    """Two pre-norm encoder blocks: LayerNormalization, MultiHeadAttention, a tanh-GELU MLP."""
+def transformer(keras, seq=16, width=32, heads=4, classes=10, activation=None, name="keras_transformer"):
+    """Two pre-norm encoder blocks: LayerNormalization, MultiHeadAttention, an MLP (tanh GELU
+    unless ``activation`` says otherwise). ``keras``: Keras 3, or tf.keras (the tf-keras package)."""
+    if activation is None:  # Keras 3's exact GELU uses Erfc, which tf2onnx 1.17 cannot convert
+        activation = lambda t: keras.activations.gelu(t, approximate=True)  # noqa: E731
     inp = keras.Input((seq, width))
     x = inp
     for _ in range(2):
         h = keras.layers.LayerNormalization(epsilon=1e-6)(x)
         x = x + keras.layers.MultiHeadAttention(heads, width // heads)(h, h)
         h = keras.layers.LayerNormalization(epsilon=1e-6)(x)
-        # Keras 3's exact GELU uses Erfc, which tf2onnx 1.17 cannot convert
-        h = keras.layers.Dense(4 * width, activation=lambda t: keras.activations.gelu(t, approximate=True))(h)
+        h = keras.layers.Dense(4 * width, activation=activation)(h)
         x = x + keras.layers.Dense(width)(h)
     x = keras.layers.GlobalAveragePooling1D()(x)
-    return keras.Model(inp, keras.layers.Dense(classes)(x), name="keras_transformer")
+    return keras.Model(inp, keras.layers.Dense(classes)(x), name=name)
 
 
 def convnext(keras, size=32, width=32, classes=10):
@@ -63,22 +65,13 @@ def convnext(keras, size=32, width=32, classes=10):
 MODELS = {"keras_transformer": (transformer, 17), "keras_convnext": (convnext, 13)}
 
 
-def tf_keras_transformer(seq=16, width=32, heads=4, classes=10):
-    """The transformer in tf.keras (Keras 2, the tf-keras package): its LayerNorm is written
-    ``Sub(beta, Mul(mean, inv))`` and, at tf2onnx's default opset 15, each attention block's
-    output projection reaches its Gemm through a Reshape whose shape Shape nodes compute."""
+def tf_keras_transformer():
+    """The transformer in tf.keras (Keras 2): its LayerNorm is written ``Sub(beta, Mul(mean, inv))``
+    and, at tf2onnx's default opset 15, each attention block's output projection reaches its Gemm
+    through a Reshape whose shape Shape nodes compute. ReLU: its GELU needs Erfc too."""
     import tf_keras
 
-    inp = tf_keras.Input((seq, width))
-    x = inp
-    for _ in range(2):
-        h = tf_keras.layers.LayerNormalization(epsilon=1e-6)(x)
-        x = x + tf_keras.layers.MultiHeadAttention(heads, width // heads)(h, h)
-        h = tf_keras.layers.LayerNormalization(epsilon=1e-6)(x)
-        h = tf_keras.layers.Dense(4 * width, activation="relu")(h)  # its GELU needs Erfc too
-        x = x + tf_keras.layers.Dense(width)(h)
-    x = tf_keras.layers.GlobalAveragePooling1D()(x)
-    return tf_keras.Model(inp, tf_keras.layers.Dense(classes)(x), name="tf_keras_transformer")
+    return transformer(tf_keras, activation="relu", name="tf_keras_transformer")
 
 
 def applications(keras):
@@ -148,9 +141,6 @@ def main() -> None:
         proto, _ = tf2onnx.convert.from_keras(model, opset=15, output_path=str(path))
         print(f"{path}: {len(proto.graph.node)} nodes, {path.stat().st_size} bytes, TensorFlow {tf.__version__}, "
               f"tf-keras {tf_keras.__version__}, tf2onnx {tf2onnx.__version__}")
-        print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {len(proto.graph.node)} nodes, "
-              f"{path.stat().st_size} bytes, TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-              f"tf2onnx {tf2onnx.__version__}")
 
 
 if __name__ == "__main__":
