@@ -31,7 +31,30 @@ CONTRIB_DOMAIN = "com.microsoft"
 # com.microsoft Attention multiplies its input by one packed [input_hidden, Q + K + V hidden]
 # weight first: the three projections of the unfused graph, read as MatMul's right operand.
 FUSED_OP_TYPES = {"FusedConv": "Conv", "FusedGemm": "Gemm", "FusedMatMul": "MatMul", "Attention": "MatMul"}
-PRUNABLE_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", *RECURRENT_OP_TYPES, *FUSED_OP_TYPES)
+PRUNABLE_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", *RECURRENT_OP_TYPES, *FUSED_OP_TYPES)
+
+
+def einsum_weight_axes(equation: str, weight_input: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """For an Einsum of two operands that multiplies by a weight, the weight's axes that index
+    the outputs and those it sums against the other operand: tf.keras's EinsumDense writes
+    ``abc,cde->abde`` (outputs d, e; summed c). None where the weight is not used so: an implicit
+    output, an ellipsis or a repeated letter in the weight's term, an axis summed on its own, or
+    one shared with the other operand's output axes (a batch axis: not a linear layer's)."""
+    eq = equation.replace(" ", "")
+    if eq.count("->") != 1:
+        return None
+    inputs, out = eq.split("->")
+    terms = inputs.split(",")
+    if len(terms) != 2 or weight_input not in (0, 1):
+        return None
+    weight, other = terms[weight_input], terms[1 - weight_input]
+    if not weight.isalpha() or len(set(weight)) != len(weight):
+        return None
+    outputs = tuple(i for i, c in enumerate(weight) if c in out and c not in other)
+    summed = tuple(i for i, c in enumerate(weight) if c not in out and c in other)
+    if not outputs or not summed or len(outputs) + len(summed) != len(weight):
+        return None
+    return outputs, summed
 
 
 def plain_op_type(op_type: str, domain: str = "") -> str | None:
@@ -364,6 +387,12 @@ def _weight_input_indices(node: onnx.NodeProto, index: GraphIndex) -> list[int]:
         return [1] if index.resolve(node.input[1], through_views=True)[0] is not None else []
     if op_type == "MatMul" and node.op_type == "Attention":  # com.microsoft: input 1 is the packed weight
         return [1] if index.resolve(node.input[1], through_views=True)[0] is not None else []
+    if op_type == "Einsum":
+        equation = next((a.s.decode() for a in node.attribute if a.name == "equation"), "")
+        for k in (1, 0):  # the constant side, if the equation uses it as a weight
+            if len(node.input) == 2 and index.resolve(node.input[k], through_views=True)[0] is not None:
+                return [k] if einsum_weight_axes(equation, k) is not None else []
+        return []
     if op_type in ("Gemm", "MatMul"):
         # The constant side is the weight; right is the usual one (x @ W).
         right, _ = index.resolve(node.input[1], through_views=True)
@@ -480,6 +509,12 @@ def _node_macs(node: onnx.NodeProto, weight_shape: tuple[int, ...], weight_input
     out = per_inference(shapes.get(node.output[0]))
     if out is None:
         return None
+    if op_type == "Einsum":  # each output element sums over the weight's summed axes
+        equation = next((a.s.decode() for a in node.attribute if a.name == "equation"), "")
+        axes = einsum_weight_axes(equation, weight_input)
+        if axes is None:
+            return None
+        return int(np.prod(out, dtype=np.int64)) * int(np.prod([weight_shape[a] for a in axes[1]], dtype=np.int64))
     trans = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
     if op_type == "Gemm":
         # K is the contracted dimension of the weight, whichever side it sits on.

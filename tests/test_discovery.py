@@ -233,8 +233,8 @@ def test_invalid_regex_is_an_option_error():
 
 
 def test_unknown_op_type_is_an_option_error():
-    with pytest.raises(OptionError, match="Einsum") as info:
-        discover(G.matmul(), op_types=["MatMul", "Einsum"])
+    with pytest.raises(OptionError, match="LayerNormalization") as info:
+        discover(G.matmul(), op_types=["MatMul", "LayerNormalization"])
     assert all(op in str(info.value) for op in PRUNABLE_OP_TYPES)
 
 
@@ -485,3 +485,57 @@ def test_a_weight_behind_a_reshape_known_before_the_run_is_prunable_in_the_layou
 @pytest.mark.parametrize("shape_source", ["from the input", "transposed first"])
 def test_a_weight_behind_a_reshape_it_cannot_read_before_the_run_is_left_alone(shape_source):
     assert discover(_reshaped_weight_model(shape_source)).weights == []
+
+
+@pytest.mark.parametrize("equation,weight_input,expected", [
+    ("abc,cde->abde", 1, ((1, 2), (0,))),   # tf.keras EinsumDense: x [B, T, C] by W [C, H, D]
+    ("abcd,cde->abe", 1, ((2,), (0, 1))),   # its attention output projection
+    ("oc,nc->no", 0, ((0,), (1,))),         # the weight first
+    (" ab , bc -> ac ", 1, ((1,), (0,))),   # spaces are allowed
+    ("ab,bc", 1, None),                     # implicit output
+    ("ab,b...->a...", 1, None),             # an ellipsis in the weight
+    ("ab,bb->ab", 1, None),                 # a diagonal of the weight
+    ("ab,bcd->ac", 1, None),                # d summed on its own
+    ("ab,ab->a", 1, None),                  # a shared with x's output: not a linear layer
+    ("ab,bc,cd->ad", 1, None),              # three operands
+])
+def test_einsum_weight_axes(equation, weight_input, expected):
+    from fcpts_onnx.discovery import einsum_weight_axes
+
+    assert einsum_weight_axes(equation, weight_input) == expected
+
+
+def _einsum_model(equation="abc,cde->abde", w_shape=(24, 2, 3)):
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Einsum", ["x", "W"], ["h"], equation=equation), helper.make_node("Add", ["h", "b"], ["y"])],
+        "einsum", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, w_shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, *w_shape[1:]])],
+        [numpy_helper.from_array(rng.normal(size=w_shape).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.normal(size=w_shape[1:]).astype(np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_an_einsum_by_a_weight_is_a_prunable_layer_with_its_bias_protected_outputs_and_macs(tmp_path):
+    from fcpts_onnx.inspection import inspect_model
+    from fcpts_onnx.learner.options import LearnOptions
+    from fcpts_onnx.torchform import OnnxModule
+
+    model = _einsum_model()
+    (w,) = discover(model).weights
+    assert (w.name, w.op_type, w.shape) == ("W", "Einsum", (24, 2, 3))
+    module = OnnxModule(model, prunable=[w])
+    assert {s.name: s.role for s in module.sources.values()} == {"W": "weight", "b": "bias"}
+    path = tmp_path / "einsum.onnx"
+    path.write_bytes(model.SerializeToString())
+    (layer,) = inspect_model(path, input_shapes={"x": (1, 4, 24)})["layers"]
+    assert layer["macs"] == 4 * 2 * 3 * 24  # every output element sums over C = 24
+    x = np.random.default_rng(1).normal(size=(64, 4, 24)).astype(np.float32)
+    report = sparsify(path, tmp_path / "sparse.onnx", {"x": x}, sparsity=0.95, method="fcpts",
+                      learn=LearnOptions(iters=6, seed=0), report_path=False)
+    assert report.zero_params == round(0.95 * 144)  # 7 weights left for 6 outputs
+    written = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "sparse.onnx")).graph.initializer}
+    # outputs are indexed by (d, e), two axes: each of the 6 pairs keeps a weight
+    assert (np.abs(written["W"]).max(axis=0) > 0).all()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..allocation.problem import AllocationProblem, smallest_scores
-from ..discovery import FUSED_OP_TYPES, RECURRENT_OP_TYPES, PrunableWeight, matmul_output_axis
+from ..discovery import FUSED_OP_TYPES, RECURRENT_OP_TYPES, PrunableWeight, einsum_weight_axes, matmul_output_axis
 from .bridge import kde_index, layer_sparsity, silverman_bandwidth
 from .loss import channel_energies, distillation_loss, output_loss_kinds, per_sample_losses
 from .options import DEFAULT_BATCH, DEFAULT_ITERS, DEFAULT_TIME_BUDGET, MIN_AUTO_BATCH, REFINE_SHARE, LearnOptions
@@ -41,7 +41,7 @@ class _Layer:
 
     key: str
     weight: torch.nn.Parameter
-    out_axis: int
+    out_axis: int | tuple[int, ...]
     scale: float
     theta: torch.nn.Parameter
     kde_index: torch.Tensor | None
@@ -66,14 +66,17 @@ class _Layer:
         mags = self.weight.detach().abs()
         if self.layout is not None:  # the stored tensor as a Reshape between gives it to the reader
             mags = mags.reshape(self.layout)
-        moved = mags.movedim(self.out_axis, 0).reshape(mags.shape[self.out_axis], -1)
+        axes = self.out_axis if isinstance(self.out_axis, tuple) else (self.out_axis,)
+        front = tuple(range(len(axes)))
+        channels = math.prod(mags.shape[a] for a in axes)
+        moved = mags.movedim(axes, front).reshape(channels, -1)
         arg = moved.argmax(dim=1)
         protect = torch.zeros_like(moved, dtype=torch.bool)
         rows = torch.arange(moved.shape[0], device=moved.device)
         # an all-zero channel has nothing to keep (and its zeros must stay counted as zeros)
         protect[rows, arg] = moved[rows, arg] > 0
-        shape = list(mags.movedim(self.out_axis, 0).shape)
-        return protect.reshape(shape).movedim(0, self.out_axis).reshape(-1)
+        shape = list(mags.movedim(axes, front).shape)
+        return protect.reshape(shape).movedim(front, axes).reshape(-1)
 
     def refresh(self) -> None:
         """Recompute the temperature (KDE bandwidth), the threshold's upper bound (the layer
@@ -119,14 +122,20 @@ class _TrialRun:
     snap: dict | None = None  # weights and thresholds at its end; None while they are the live ones
 
 
-def output_axis(weight: PrunableWeight, attrs_of: Callable[[int], dict]) -> int:
-    """The axis of the stored weight that indexes output channels/features."""
+def output_axis(weight: PrunableWeight, attrs_of: Callable[[int], dict]) -> int | tuple[int, ...]:
+    """The axis (or axes: an Einsum's weight may index outputs by two) of the stored weight that
+    indexes output channels/features."""
     c = weight.consumers[0]
-    return c.stored_axis(_output_axis_as_read(c, len(c.view_shape(weight.shape)), attrs_of))
+    axis = _output_axis_as_read(c, len(c.view_shape(weight.shape)), attrs_of)
+    return tuple(c.stored_axis(a) for a in axis) if isinstance(axis, tuple) else c.stored_axis(axis)
 
 
-def _output_axis_as_read(c, rank: int, attrs_of: Callable[[int], dict]) -> int:
+def _output_axis_as_read(c, rank: int, attrs_of: Callable[[int], dict]) -> int | tuple[int, ...]:
     op_type = FUSED_OP_TYPES.get(c.op_type, c.op_type)  # FusedConv reads its weight like Conv
+    if op_type == "Einsum":
+        equation = attrs_of(c.node_index).get("equation", "")
+        axes = einsum_weight_axes(equation.decode() if isinstance(equation, bytes) else equation, c.input_index)
+        return axes[0] if len(axes[0]) > 1 else axes[0][0]
     if op_type == "Conv":
         return 0
     if op_type == "ConvTranspose":

@@ -87,8 +87,8 @@ def _learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, t
 
     nodes = loaded.model.graph.node
 
-    def attrs_of(i: int) -> dict:
-        return {a.name: a.i for a in nodes[i].attribute if a.type == a.INT}
+    def attrs_of(i: int) -> dict:  # the ints (Gemm's transB) and strings (Einsum's equation) that say the layout
+        return {a.name: a.i if a.type == a.INT else a.s.decode() for a in nodes[i].attribute if a.type in (a.INT, a.STRING)}
 
     # A graph exported with a fixed batch may bake it into Reshape constants: learn at that batch.
     fixed_batch = static_batch(loaded.model)

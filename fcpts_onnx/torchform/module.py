@@ -19,7 +19,15 @@ import onnx
 import torch
 from torch import nn
 
-from ..discovery import CONTRIB_DOMAIN, ConstantSource, GraphIndex, PrunableWeight, locate_tensor, plain_op_type
+from ..discovery import (
+    CONTRIB_DOMAIN,
+    ConstantSource,
+    GraphIndex,
+    PrunableWeight,
+    einsum_weight_axes,
+    locate_tensor,
+    plain_op_type,
+)
 from ..errors import FcptsError, UnsupportedModelError
 from . import ops  # noqa: F401  (registers the operators)
 from .dtypes import to_torch
@@ -123,9 +131,12 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     raise UnsupportedModelError(f"Constant node {node.name!r} with attribute {attr.name} is not supported")
 
 
-def _output_features(node: onnx.NodeProto, weight_input: int, index: GraphIndex, model: onnx.ModelProto) -> int | None:
-    """How many outputs the linear layer ``node`` (MatMul or Gemm) has, read off its weight at
-    ``weight_input`` as the node reads it (through Transpose and Reshape views); else None."""
+def _output_shape(node: onnx.NodeProto, weight_input: int, index: GraphIndex,
+                  model: onnx.ModelProto) -> tuple[int, ...] | None:
+    """The trailing axes of the linear layer ``node``'s output that its weight indexes (and a bias
+    added to it broadcasts over): (N,) for MatMul and Gemm; for an Einsum the weight's output
+    axes, where they end the output term in the weight's order, else None. Read off the weight
+    as the node reads it (through Transpose and Reshape views)."""
     source, _, perm, _, reshaped = index.resolve_view(node.input[weight_input])
     if source is None:
         return None
@@ -135,10 +146,19 @@ def _output_features(node: onnx.NodeProto, weight_input: int, index: GraphIndex,
     if len(dims) < 2:
         return None
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if plain_op_type(node.op_type, node.domain) == "Einsum":
+        equation = attrs.get("equation", b"")
+        equation = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
+        axes = einsum_weight_axes(equation, weight_input)
+        if axes is None:
+            return None
+        weight_term, out_term = equation.split("->")[0].split(",")[weight_input], equation.split("->")[1]
+        letters = "".join(weight_term[a] for a in axes[0])
+        return tuple(dims[a] for a in axes[0]) if out_term.endswith(letters) else None
     if plain_op_type(node.op_type, node.domain) == "Gemm":
         transposed = attrs.get("transB" if weight_input == 1 else "transA", 0)
-        return dims[0 if transposed == (weight_input == 1) else 1]
-    return dims[-1] if weight_input == 1 else dims[-2]
+        return (dims[0 if transposed == (weight_input == 1) else 1],)
+    return (dims[-1] if weight_input == 1 else dims[-2],)
 
 
 def _fused_fn(kernel: Callable, attrs: dict, rank: int) -> OpFn:
@@ -274,7 +294,7 @@ class OnnxModule(nn.Module):
                 producer, through_view = producer_of.get(node.input[a]), False
                 while producer is not None and producer.domain in ("", "ai.onnx") and producer.op_type in views:
                     producer, through_view = producer_of.get(producer.input[0]), True
-                if producer is None or plain_op_type(producer.op_type, producer.domain) not in ("MatMul", "Gemm"):
+                if producer is None or plain_op_type(producer.op_type, producer.domain) not in ("MatMul", "Gemm", "Einsum"):
                     continue
                 weights = [index.resolve(n, through_views=True)[0] for n in producer.input[:2]]
                 prunable = [i for i, w in enumerate(weights) if w is not None and w.name in prunable_names]
@@ -282,12 +302,16 @@ class OnnxModule(nn.Module):
                 if not prunable or source is None or source.tensor(model).data_type != onnx.TensorProto.FLOAT:
                     continue
                 dims = list(source.tensor(model).dims)
-                outputs = _output_features(producer, prunable[0], index, model)
+                outputs = _output_shape(producer, prunable[0], index, model)
                 if through_view:
-                    if outputs is None or math.prod(dims) != outputs:
+                    if outputs is None or math.prod(dims) != math.prod(outputs):
                         continue
-                elif len(dims) > 1 and not (dims[-1] == outputs and all(d == 1 for d in dims[:-1])):
-                    continue  # [1, N] is a bias as [N] is (skl2onnx's intercepts)
+                elif len(dims) > 1:
+                    # [1, N] is a bias as [N] is (skl2onnx's intercepts); an Einsum's [H, D] too
+                    while dims and dims[0] == 1 and len(dims) > len(outputs or ()):
+                        dims = dims[1:]
+                    if tuple(dims) != outputs:
+                        continue
                 add_parameter(source, "bias")
 
     def _add_channel_affines(self, model: onnx.ModelProto, index: GraphIndex, add_parameter) -> None:
