@@ -11,7 +11,8 @@ The classifier is trained on scikit-learn's bundled 8x8 digits (1797 images, pix
 download), seed 0. Two exports: the default one, whose probabilities leave through a ZipMap
 (a list of {class: probability} maps, which the trainable form cannot hold), and one with
 ``zipmap=False``, whose outputs are tensors: the labels (ArgMax mapped to the classes by an
-ai.onnx.ml ArrayFeatureExtractor) and the probabilities.
+ai.onnx.ml ArrayFeatureExtractor) and the probabilities. The digits go beside them
+(digits.npz) for tools/bench_sklearn.py.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def main() -> None:
     x = x.astype(np.float32) / 16
     clf = MLPClassifier((64, 32), max_iter=300, random_state=0).fit(x, y)
     args.out.mkdir(parents=True, exist_ok=True)
+    # the digits themselves (pixels 0..16 as uint8, 115 kB), for tools/bench_sklearn.py
+    pixels, _ = load_digits(return_X_y=True)
+    np.savez_compressed(args.out / "digits.npz", pixels=pixels.astype(np.uint8), labels=y.astype(np.int64))
     for name, options in (("mlp_digits.onnx", None), ("mlp_digits_nozipmap.onnx", {id(clf): {"zipmap": False}})):
         model = to_onnx(clf, x[:1], options=options, target_opset=17)
         (args.out / name).write_bytes(model.SerializeToString())
