@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from bench_orientation import kl  # noqa: E402  (mean KL of class distributions)
+
 DATA = ROOT / "tests" / "data" / "skl2onnx"
 MODEL = DATA / "mlp_digits_nozipmap.onnx"
 
@@ -41,11 +44,6 @@ def predict(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     labels, probabilities = session.run(["label", "probabilities"], {"X": x})
     return labels, probabilities
-
-
-def kl(p: np.ndarray, q: np.ndarray) -> float:
-    p64, q64 = p.astype(np.float64), q.astype(np.float64)
-    return float(np.mean(np.sum(p64 * (np.log(np.clip(p64, 1e-12, None)) - np.log(np.clip(q64, 1e-12, None))), axis=1)))
 
 
 def main(argv: list[str] | None = None) -> int:
