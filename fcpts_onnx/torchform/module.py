@@ -350,8 +350,7 @@ class OnnxModule(nn.Module):
                 continue
             for x, scale_name in (mul.input, mul.input[::-1]):
                 scale, dims = stored_per_channel(scale_name)
-                shift_name = next(n for n in after[0].input if n != mul.output[0]) \
-                    if mul.output[0] in after[0].input else None
+                shift_name = next((n for n in after[0].input if n != mul.output[0]), None)  # Add(m, m): none
                 shift, shift_dims = stored_per_channel(shift_name) if shift_name else (None, None)
                 if scale is not None and shift is not None and dims == shift_dims and not from_an_input(x) \
                         and stored_per_channel(x)[0] is None and index.resolve(x)[0] is None:
