@@ -21,7 +21,7 @@ not sit on. The parity check against onnxruntime covers the fused form, since th
 form that runs.
 
 Normalisations written out node by node fuse the same way: a LayerNorm (torch's exporter
-below opset 17, paddle2onnx) as ``F.layer_norm``, an RMSNorm (torch's exporters below opset 23)
+below opset 17, paddle2onnx, tf2onnx's Keras and tf.keras spellings) as ``F.layer_norm``, an RMSNorm (torch's exporters below opset 23)
 as ``F.rms_norm``; their scale and shift stay visible as tuned parameters (OnnxModule).
 
 A chain is fused only when its constants are exactly the values the pattern needs (stored
