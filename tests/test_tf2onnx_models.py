@@ -1,5 +1,6 @@
 """Keras models exported by tf2onnx (tests/data/tf2onnx, made by tools/export_keras.py with
-TensorFlow 2.21, Keras 3.15.1 and tf2onnx 1.17.0; random weights).
+TensorFlow 2.21, Keras 3.15.1 / tf-keras 2.21 and tf2onnx 1.17.0, one through TFLite; random
+weights).
 
 tf2onnx writes Keras's LayerNormalization as ``x * inv + (beta - mean * inv)`` with means as
 GlobalAveragePool (rank 3) or ReduceMean over positive axes, moves a channels-last one to
@@ -32,12 +33,14 @@ MODELS = {
     "keras_convnext_opset13.onnx": ((32, 32, 3), {"layer_norm": 3, "gelu_tanh": 2}, 3 * 2 * 32 + 2 * 32,
                                     32 + 2 * (32 + 128 + 32) + 10),
     "tf_keras_transformer_opset15.onnx": ((16, 32), {"layer_norm": 4}, 4 * 2 * 32, 2 * (4 * 32 + 128 + 32) + 10),
+    "tflite_transformer_opset15.onnx": ((16, 32), {"layer_norm": 4}, 4 * 2 * 32, 2 * (4 * 32 + 128 + 32) + 10),
 }
 
 # every Dense, attention projection and convolution weight
 PRUNABLE = {"keras_transformer_opset17.onnx": 2 * (4 * 32 * 32 + 2 * 32 * 128) + 32 * 10,
             "keras_convnext_opset13.onnx": 4 * 4 * 3 * 32 + 2 * (7 * 7 * 32 + 2 * 32 * 128) + 32 * 10}
 PRUNABLE["tf_keras_transformer_opset15.onnx"] = PRUNABLE["keras_transformer_opset17.onnx"]
+PRUNABLE["tflite_transformer_opset15.onnx"] = PRUNABLE["keras_transformer_opset17.onnx"]
 
 
 def _ort(path: Path, x: np.ndarray) -> np.ndarray:

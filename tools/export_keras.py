@@ -5,7 +5,7 @@ in a virtual environment of its own:
 
     python -m venv /tmp/tfenv
     /tmp/tfenv/bin/pip install tensorflow-cpu==2.21.0 tf2onnx==1.17.0 tf-keras==2.21.0
-    /tmp/tfenv/bin/python tools/export_keras.py [--out tests/data/tf2onnx]
+    /tmp/tfenv/bin/python tools/export_keras.py [--out tests/data/tf2onnx]   (4 models, one through TFLite)
     /tmp/tfenv/bin/python tools/export_keras.py --applications /tmp/keras_apps [--opset 13]
 
 The second form exports six keras.applications models (MobileNetV3Small, EfficientNetV2B0,
@@ -141,6 +141,17 @@ def main() -> None:
         proto, _ = tf2onnx.convert.from_keras(model, opset=15, output_path=str(path))
         print(f"{path}: {len(proto.graph.node)} nodes, {path.stat().st_size} bytes, TensorFlow {tf.__version__}, "
               f"tf-keras {tf_keras.__version__}, tf2onnx {tf2onnx.__version__}")
+        # through TFLite, as a mobile deployment has it (ReLU: TFLite's GELU op has no converter)
+        keras.utils.set_random_seed(len(todo) + 1)
+        model = transformer(keras, activation="relu", name="tflite_transformer")
+        randomise(keras, model, seed=len(todo) + 1)
+        tflite = args.out / "tflite_transformer.tflite"
+        tflite.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+        path = args.out / "tflite_transformer_opset15.onnx"
+        proto, _ = tf2onnx.convert.from_tflite(str(tflite), opset=15, output_path=str(path))
+        tflite.unlink()
+        print(f"{path}: {len(proto.graph.node)} nodes, {path.stat().st_size} bytes, TensorFlow {tf.__version__} "
+              f"(TFLite), Keras {keras.__version__}, tf2onnx {tf2onnx.__version__}")
 
 
 if __name__ == "__main__":
