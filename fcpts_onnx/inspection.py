@@ -13,7 +13,7 @@ from .calibration import generate, graph_inputs
 from .discovery import assign_macs, discover
 from .masks import count_zeros
 from .onnx_io import load_model
-from .report import _fmt_count, _short, format_layer_table
+from .report import _fmt_count, _short, format_layer_table, layer_label
 from .sparse_storage import densify
 
 
@@ -81,7 +81,7 @@ def inspect_model(model_path: str | Path, *, nodes_to_exclude: tuple[str, ...] =
 def format_inspection(info: dict[str, Any]) -> str:
     rows = [
         {
-            "name": _short(r["name"]), "op": r["op_type"], "shape": "x".join(map(str, r["shape"])),
+            "name": _short(layer_label(r["name"], r["nodes"])), "op": r["op_type"], "shape": "x".join(map(str, r["shape"])),
             "dtype": r["dtype"], "where": r["storage"], "params": _fmt_count(r["params"]),
             "sparsity": f"{r['sparsity']:.1%}", "macs": _fmt_count(r["macs"]),
         }

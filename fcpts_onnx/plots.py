@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from .errors import OptionError, OutputError
+from .report import layer_label
 
 
 def plot_allocation(report, path: str | os.PathLike) -> Path:
@@ -48,7 +49,8 @@ def plot_allocation(report, path: str | os.PathLike) -> Path:
     ax.set_ylim(0, 1.0)
     ax.set_ylabel("layer sparsity")
     ax.set_xticks(x)
-    ax.set_xticklabels([r.name if len(r.name) <= 28 else "..." + r.name[-25:] for r in layers],
+    labels = [layer_label(r.name, r.nodes) for r in layers]
+    ax.set_xticklabels([n if len(n) <= 28 else "..." + n[-25:] for n in labels],
                        rotation=70, ha="right", fontsize=7)
     title = f"{Path(report.input_path).name}: {report.method} at {report.achieved_sparsity:.1%} global sparsity"
     ax.set_title(title, fontsize=10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,18 @@ def format_layer_table(rows: list[dict], columns: list[tuple[str, str, str]]) ->
     return "\n".join(out)
 
 
+# The name torch's legacy exporter makes up for a Linear weight it transposed while exporting
+# ("onnx::MatMul_12"); the node that reads it ("/q/MatMul") names the layer by the module's path,
+# better in a table or plot for people. The JSON keeps the tensor's own name. (tf2onnx's folded
+# constants, "const_fold_opt__865", are read by nodes named no better: "Gemm__1386".)
+_MADE_UP = re.compile(r"^onnx::[A-Za-z]+_\d+$")
+
+
+def layer_label(name: str, nodes: list[str]) -> str:
+    """What a table calls a prunable weight: its name, or its first reader's if the name is made up."""
+    return nodes[0] if nodes and _MADE_UP.match(name) else name
+
+
 def _short(name: str, width: int = 48) -> str:
     return name if len(name) <= width else "..." + name[-(width - 3):]
 
@@ -175,7 +188,7 @@ def _learning_line(learning: dict) -> str:
 def format_summary(report: Report) -> str:
     rows = [
         {
-            "name": _short(r.name), "op": r.op_type, "shape": "x".join(map(str, r.shape)),
+            "name": _short(layer_label(r.name, r.nodes)), "op": r.op_type, "shape": "x".join(map(str, r.shape)),
             "params": _fmt_count(r.params), "before": f"{r.zeros_before / r.params:.1%}",
             "sparsity": f"{r.sparsity:.1%}", "macs": _fmt_count(r.macs),
         }

@@ -539,3 +539,27 @@ def test_an_einsum_by_a_weight_is_a_prunable_layer_with_its_bias_protected_outpu
     written = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "sparse.onnx")).graph.initializer}
     # outputs are indexed by (d, e), two axes: each of the 6 pairs keeps a weight
     assert (np.abs(written["W"]).max(axis=0) > 0).all()
+
+
+def test_tables_name_a_torch_linear_weight_by_its_reader_and_the_json_keeps_the_tensor_name(tmp_path):
+    # torch's legacy exporter stores Linear weights transposed as "onnx::MatMul_<n>"; the node
+    # that reads one ("/q/MatMul") says which layer it is
+    import torch
+
+    from fcpts_onnx.inspection import format_inspection, inspect_model
+
+    class TwoLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.q(x)))
+
+    path = tmp_path / "linear.onnx"
+    torch.onnx.export(TwoLinear(), (torch.randn(2, 5, 8),), str(path), dynamo=False, opset_version=17)
+    info = inspect_model(path)
+    assert all(layer["name"].startswith("onnx::MatMul_") for layer in info["layers"])
+    table = format_inspection(info)
+    assert "/q/MatMul" in table and "/out/MatMul" in table
+    assert not any(layer["name"] in table for layer in info["layers"])
