@@ -274,6 +274,12 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
                          f"{secs(spent)} went before the run could be sized (building and checking the trainable "
                          "form, the dense outputs, choosing the start, timing steps), and a run takes at least "
                          "5 steps; give --time-budget more seconds, or --iters N for a fixed number of steps")
+        untaken = learning["weights_in_untaken_branches"]
+        if untaken:
+            notes.append(f"{len(untaken)} weight(s) sit in If branches that no calibration batch took (e.g. "
+                         f"{untaken[0]!r}): learning saw no data through them, so their values are untuned and "
+                         "their sparsity follows the target alone; calibrate on inputs that take every branch "
+                         "you deploy, or keep them dense with --exclude")
         if learning["limited_by_default_budget"]:
             notes.append(f"learning ran {learning['steps']} steps ({learning['step_time_s']:.2g} s each), "
                          f"as many as fit in the default {learning['time_budget_s']:.0f} s; "

@@ -100,6 +100,9 @@ class Consumer:
     # the shape a Reshape gives the stored tensor before any Transpose (tf.keras's attention output
     # projection: [1, 1, 32, 4, 8] read as [32, 32]); perm then permutes this layout
     reshaped: tuple[int, ...] | None = None
+    # where the node sits when it is inside If bodies: (If node's index, "then_branch" or
+    # "else_branch") from the main graph inwards; node_index then counts in the innermost body
+    body: tuple[tuple[int, str], ...] = ()
 
     def view_shape(self, stored_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The weight's shape as this node reads it."""
@@ -115,11 +118,22 @@ class Consumer:
         return axis if self.perm is None else self.perm[axis]
 
 
-def locate_tensor(model: onnx.ModelProto, storage: str, index: int) -> onnx.TensorProto:
-    """The TensorProto at ``graph.initializer[index]`` or in ``graph.node[index]``'s value."""
+def body_graph(graph: onnx.GraphProto, body: tuple[tuple[int, str], ...]) -> onnx.GraphProto:
+    """The If body that ``body`` leads to from ``graph``: (If node's index, "then_branch" or
+    "else_branch") pairs, outermost first; ``graph`` itself for ()."""
+    for node_index, branch in body:
+        graph = next(a.g for a in graph.node[node_index].attribute if a.name == branch)
+    return graph
+
+
+def locate_tensor(model: onnx.ModelProto, storage: str, index: int,
+                  body: tuple[tuple[int, str], ...] = ()) -> onnx.TensorProto:
+    """The TensorProto at ``graph.initializer[index]`` or in ``graph.node[index]``'s value, in
+    the main graph or the If body that ``body`` leads to."""
+    graph = body_graph(model.graph, body)
     if storage == "initializer":
-        return model.graph.initializer[index]
-    node = model.graph.node[index]
+        return graph.initializer[index]
+    node = graph.node[index]
     for attr in node.attribute:
         if attr.name == "value":
             return attr.t
@@ -143,6 +157,7 @@ class PrunableWeight:
     consumers: list[Consumer] = field(default_factory=list)
     macs: int | None = None  # per inference; None when shapes are unknown
     external: bool = False
+    body: tuple[tuple[int, str], ...] = ()  # stored inside this If body (see body_graph); () in the main graph
 
     @property
     def size(self) -> int:
@@ -167,13 +182,14 @@ class PrunableWeight:
     @property
     def where(self) -> str:
         kind = "initializer" if self.storage == "initializer" else "Constant node"
+        kind += " in an If body" if self.body else ""
         ops = sorted({op for c in self.consumers for op in c.via})
         via = f" via {'/'.join(ops)}" if ops else ""
         return kind + via + (" (external data)" if self.external else "")
 
     def tensor(self, model: onnx.ModelProto) -> onnx.TensorProto:
         """The TensorProto holding this weight in ``model`` (the loaded model or a copy of it)."""
-        return locate_tensor(model, self.storage, self.index)
+        return locate_tensor(model, self.storage, self.index, self.body)
 
     def values(self, model: onnx.ModelProto) -> np.ndarray:
         return numpy_helper.to_array(self.tensor(model))
@@ -201,16 +217,22 @@ class Discovery:
         return sum(w.size for w in self.weights)
 
 
+def consumer_node(graph: onnx.GraphProto, consumer: Consumer) -> onnx.NodeProto:
+    """The node a consumer names, inside If bodies too."""
+    return body_graph(graph, consumer.body).node[consumer.node_index]
+
+
 @dataclass(frozen=True)
 class ConstantSource:
-    """Where a constant tensor name comes from in the main graph."""
+    """Where a constant tensor name comes from: the main graph, or the If body ``body`` leads to."""
 
     storage: str  # "initializer" | "constant"
     index: int
     name: str
+    body: tuple[tuple[int, str], ...] = ()
 
     def tensor(self, model: onnx.ModelProto) -> onnx.TensorProto:
-        return locate_tensor(model, self.storage, self.index)
+        return locate_tensor(model, self.storage, self.index, self.body)
 
     def tensor_dims(self, graph: onnx.GraphProto) -> tuple[int, ...]:
         if self.storage == "initializer":
@@ -224,9 +246,13 @@ def _node_label(node: onnx.NodeProto, index: int) -> str:
 
 
 class GraphIndex:
-    """Name lookups over the main graph: initializers, producers, Constant nodes."""
+    """Name lookups over a graph: initializers, producers, Constant nodes. A body's index
+    (``parent`` set) looks up the names it does not define in the scopes around it."""
 
-    def __init__(self, graph: onnx.GraphProto, opset_imports: Sequence[onnx.OperatorSetIdProto] = ()):
+    def __init__(self, graph: onnx.GraphProto, opset_imports: Sequence[onnx.OperatorSetIdProto] = (),
+                 parent: GraphIndex | None = None, path: tuple[tuple[int, str], ...] = ()):
+        self.parent = parent
+        self.path = path  # from the main graph to this one, as ConstantSource.body spells it
         self.initializers = {t.name: i for i, t in enumerate(graph.initializer)}
         self.producers: dict[str, int] = {}
         for i, node in enumerate(graph.node):
@@ -256,12 +282,12 @@ class GraphIndex:
         source, stopped_by, perms, via, target = self._walk(name, True)
         reshaped = None
         if source is not None and target is not None:
-            reshaped = _reshaped(tuple(source.tensor_dims(self.graph)), target)
+            reshaped = _reshaped(tuple(source.tensor_dims(self._graph_at(source.body))), target)
             if reshaped is None:
                 return None, "Reshape", None, via, None
         if source is None or not perms:
             return source, stopped_by, None, via, reshaped
-        rank = len(reshaped if reshaped is not None else source.tensor_dims(self.graph))
+        rank = len(reshaped if reshaped is not None else source.tensor_dims(self._graph_at(source.body)))
         composed = list(range(rank))
         for perm in perms:  # nearest the reader first: P_new[i] = p[P[i]]
             p = list(reversed(range(rank))) if perm is None else perm
@@ -269,6 +295,12 @@ class GraphIndex:
                 return None, "Transpose", None, via, None  # a perm that does not fit the tensor: not ours to read
             composed = [p[a] for a in composed]
         return source, None, tuple(composed), via, reshaped
+
+    def _graph_at(self, path: tuple[tuple[int, str], ...]) -> onnx.GraphProto:
+        index = self
+        while index.path != path:
+            index = index.parent
+        return index.graph
 
     def static_value(self, name: str, limit: int = 64) -> np.ndarray | None:
         """The value of ``name`` where constants alone decide it (tf2onnx computes some Reshape
@@ -320,9 +352,19 @@ class GraphIndex:
         while name not in seen:
             seen.add(name)
             if name in self.initializers:
-                return ConstantSource("initializer", self.initializers[name], name), None, perms, tuple(via), target
+                return ConstantSource("initializer", self.initializers[name], name, self.path), None, perms, \
+                    tuple(via), target
             if name not in self.producers:
-                return None, None, perms, tuple(via), target  # a graph input or an outer-scope name
+                if self.parent is None or name in {i.name for i in self.graph.input}:
+                    return None, None, perms, tuple(via), target  # a graph input or an outer-scope name
+                # an If body reading an outer value: go on there (views in between compose)
+                source, stopped_by, outer_perms, outer_via, outer_target = self.parent._walk(name, through_views)
+                if target is not None and outer_target is not None:
+                    return None, "Reshape", perms, tuple(via), None
+                if target is not None and outer_perms:  # a Transpose before the Reshape, as above
+                    return None, "Transpose", perms, tuple(via), None
+                return source, stopped_by, perms + outer_perms, tuple(via) + outer_via, \
+                    target if target is not None else outer_target
             node = self.graph.node[self.producers[name]]
             standard = node.domain in ("", "ai.onnx")
             if node.op_type == "Identity" and standard and node.input:
@@ -351,8 +393,8 @@ class GraphIndex:
                 continue
             if node.op_type == "Constant" and standard:
                 if any(a.name == "value" for a in node.attribute):
-                    return ConstantSource("constant", self.producers[name], node.output[0]), None, perms, tuple(via), \
-                        target
+                    return ConstantSource("constant", self.producers[name], node.output[0], self.path), None, perms, \
+                        tuple(via), target
                 return None, "Constant", perms, tuple(via), None
             return None, node.op_type, perms, tuple(via), None
         return None, None, perms, tuple(via), None
@@ -460,11 +502,19 @@ def _shape_map(model: onnx.ModelProto,
     except Exception:  # shape inference is a best effort: MACs become unknown, nothing else
         return {}
     shapes = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        tt = vi.type.tensor_type
-        if not tt.HasField("shape"):
-            continue
-        shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+
+    def collect(graph: onnx.GraphProto) -> None:  # If bodies' values too (names are unique across scopes)
+        for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+            tt = vi.type.tensor_type
+            if tt.HasField("shape") and vi.name not in shapes:
+                shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        for node in graph.node:
+            if node.op_type == "If":
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.GRAPH:
+                        collect(attr.g)
+
+    collect(inferred.graph)
     return shapes
 
 
@@ -549,11 +599,13 @@ def _matmul_rows_cols(attrs: Mapping[str, Any], weight_input: int, rank: int) ->
 
 
 def _subgraph_weights(node: onnx.NodeProto, node_index: int, outer: GraphIndex) -> Iterable[SkippedWeight]:
-    """Weights used by prunable ops inside the bodies of a control-flow node."""
+    """Weights that prunable ops inside a Loop's or Scan's body read (stored there or outside):
+    they stay whole, since the trainable form cannot run those bodies. (If bodies are read
+    like the main graph: see if_body_nodes.)"""
     for attr in node.attribute:
         graphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
         for body in graphs:
-            inner = GraphIndex(body)
+            inner = GraphIndex(body, outer.opset_imports, parent=outer)
             for j, sub in enumerate(body.node):
                 if sub.op_type in SUBGRAPH_OP_TYPES:
                     yield from _subgraph_weights(sub, j, inner)
@@ -563,18 +615,31 @@ def _subgraph_weights(node: onnx.NodeProto, node_index: int, outer: GraphIndex) 
                 for k in (1, 2) if recurrent else (1, 0):
                     if k >= len(sub.input) or not sub.input[k]:
                         continue
-                    name = sub.input[k]
-                    source, _ = inner.resolve(name)
-                    if source is None and (name in outer.initializers or name in outer.producers):
-                        source, _ = outer.resolve(name)
-                    if source is not None:
-                        yield SkippedWeight(
-                            source.name, sub.op_type, _node_label(sub, j),
-                            f"inside the {node.op_type} node {_node_label(node, node_index)!r} "
-                            f"(attribute {attr.name}); weights in control-flow bodies are not pruned",
-                        )
-                        if not recurrent:  # a matrix product has one weight; a recurrent op two
-                            break
+                    source, _ = inner.resolve(sub.input[k])
+                    if source is None:
+                        continue
+                    yield SkippedWeight(
+                        source.name, sub.op_type, _node_label(sub, j),
+                        f"inside the {node.op_type} node {_node_label(node, node_index)!r} "
+                        f"(attribute {attr.name}); weights in Loop and Scan bodies are not pruned",
+                    )
+                    if not recurrent:  # a matrix product has one weight; a recurrent op two
+                        break
+
+
+def if_body_nodes(node: onnx.NodeProto, node_index: int, outer: GraphIndex, path: tuple[tuple[int, str], ...] = ()
+                  ) -> Iterable[tuple[onnx.NodeProto, int, tuple[tuple[int, str], ...], GraphIndex]]:
+    """Every node inside an If's two bodies, nested Ifs' included: (node, its index in its
+    body, the path to that body as Consumer.body spells it, the body's index)."""
+    for attr in node.attribute:
+        if attr.name not in ("then_branch", "else_branch") or attr.type != onnx.AttributeProto.GRAPH:
+            continue
+        here = (*path, (node_index, attr.name))
+        inner = GraphIndex(attr.g, outer.opset_imports, parent=outer, path=here)
+        for j, sub in enumerate(attr.g.node):
+            yield sub, j, here, inner
+            if sub.op_type == "If" and sub.domain in ("", "ai.onnx"):
+                yield from if_body_nodes(sub, j, inner, here)
 
 
 def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
@@ -604,18 +669,26 @@ def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
     by_source: dict[ConstantSource, PrunableWeight] = {}
     skipped: list[SkippedWeight] = []
     in_subgraphs: list[SkippedWeight] = []
+    # every node that may read a weight: the main graph's, and those in If bodies (their
+    # main-graph weights are pruned like any; what a body stores itself is listed as skipped)
+    readers: list[tuple[onnx.NodeProto, int, tuple[tuple[int, str], ...], GraphIndex]] = []
     for i, node in enumerate(graph.node):
-        label = _node_label(node, i)
+        if node.op_type == "If" and node.domain in ("", "ai.onnx"):
+            readers.extend(if_body_nodes(node, i, index))
+            continue
         if node.op_type in SUBGRAPH_OP_TYPES:
             in_subgraphs.extend(_subgraph_weights(node, i, index))
             continue
+        readers.append((node, i, (), index))
+    for node, i, body, scope in readers:
+        label = _node_label(node, i)
         if plain_op_type(node.op_type, node.domain) is None:
             continue
-        for k in _weight_input_indices(node, index):
-            source, _, perm, via, reshaped = index.resolve_view(node.input[k])
+        for k in _weight_input_indices(node, scope):
+            source, _, perm, via, reshaped = scope.resolve_view(node.input[k])
             tensor = source.tensor(model)
             shape = tuple(int(d) for d in tensor.dims)
-            consumer = Consumer(label, node.op_type, k, i, perm, via, reshaped)
+            consumer = Consumer(label, node.op_type, k, i, perm, via, reshaped, body)
             reason = None
             if tensor.data_type not in FLOAT_TYPES:
                 reason = f"{onnx.TensorProto.DataType.Name(tensor.data_type)} weight; only float weights are pruned"
@@ -633,10 +706,15 @@ def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
             if source in by_source:
                 by_source[source].consumers.append(consumer)
                 continue
+            if any(other.name == source.name for other in by_source):
+                # names key the weights everywhere; sibling If bodies may reuse one
+                skipped.append(SkippedWeight(source.name, node.op_type, label,
+                                             "another stored tensor has the same name; not pruned"))
+                continue
             by_source[source] = PrunableWeight(
                 name=source.name, storage=source.storage, index=source.index, shape=shape,
                 dtype=FLOAT_TYPES[tensor.data_type], consumers=[consumer],
-                external=source.name in external,
+                external=source.name in external, body=source.body,
             )
 
     weights = list(by_source.values())
@@ -697,7 +775,7 @@ def assign_macs(model: onnx.ModelProto, weights: list[PrunableWeight],
     shapes = _shape_map(model, input_shapes)
 
     def node_macs(w: PrunableWeight) -> list[int | None]:
-        return [_node_macs(model.graph.node[c.node_index], c.view_shape(w.shape), c.input_index, shapes,
+        return [_node_macs(consumer_node(model.graph, c), c.view_shape(w.shape), c.input_index, shapes,
                            batch_pinned=bool(input_shapes))
                 for c in w.consumers]
 
@@ -705,7 +783,7 @@ def assign_macs(model: onnx.ModelProto, weights: list[PrunableWeight],
         missing = set()
         for w in weights:
             for c, macs in zip(w.consumers, node_macs(w)):
-                if macs is None:
+                if macs is None and not c.body:  # values inside a body cannot be made graph outputs
                     node = model.graph.node[c.node_index]
                     missing.update({node.input[0], node.output[0]})
         if missing:

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .discovery import PrunableWeight
+from .discovery import PrunableWeight, body_graph
 
 INDEX_BYTES = 8  # int64 indices, as onnx.checker requires
 
@@ -92,6 +92,9 @@ def to_sparse_storage(model: onnx.ModelProto, weights: Iterable[PrunableWeight])
     by_name = {t.name: t for t in graph.initializer}
     moved: set[str] = set()
     for w in weights:
+        if w.body:  # stored inside an If body: left dense (onnxruntime's loading of sparse tensors there is untried)
+            summary.kept_dense.append(w.name)
+            continue
         if w.storage == "initializer":
             tensor = by_name.get(w.name)
             if tensor is None or w.name in input_names:
@@ -158,7 +161,7 @@ def densify(model: onnx.ModelProto) -> onnx.ModelProto:
 def stored_values(model: onnx.ModelProto, weight: PrunableWeight) -> np.ndarray:
     """The values of ``weight`` in ``model`` whichever way they are stored: initializer (by index,
     else by name), sparse initializer, Constant ``value`` or ``sparse_value``."""
-    graph = model.graph
+    graph = body_graph(model.graph, weight.body)
     if weight.storage == "initializer":
         if weight.index < len(graph.initializer) and graph.initializer[weight.index].name == weight.name:
             return numpy_helper.to_array(graph.initializer[weight.index])

@@ -372,6 +372,24 @@ def if_model(seed: int = 0, share_outer: bool = False) -> onnx.ModelProto:
     return model(nodes, [vi("x", F32, [3, 8])], outputs, inits)
 
 
+def loop_model(seed: int = 0) -> onnx.ModelProto:
+    """Main graph: MatMul 'mm' (x @ 'W'[8, 5]) -> 'h'; Loop 'repeat' (2 trips) whose body
+    carries h through MatMul 'body_mm' by main-graph 'W_loop' [5, 5] and Add 'body_add' of a
+    body initializer; then MatMul 'out_mm' (by 'W_loop' again, from the main graph)."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("MatMul", ["h_in", "W_loop"], ["h_mm"], name="body_mm"),
+         helper.make_node("Add", ["h_mm", "b_body"], ["h_out"], name="body_add")],
+        "body", [vi("i", TensorProto.INT64, []), vi("cond_in", TensorProto.BOOL, []), vi("h_in", F32, [3, 5])],
+        [vi("cond_out", TensorProto.BOOL, []), vi("h_out", F32, [3, 5])], [tensor("b_body", rand((5,), seed + 2))])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Loop", ["trips", "", "h"], ["h_loop"], name="repeat", body=body),
+             helper.make_node("MatMul", ["h_loop", "W_loop"], ["y"], name="out_mm")]
+    inits = [tensor("W", rand((8, 5), seed)), tensor("W_loop", rand((5, 5), seed + 1) * 0.5),
+             tensor("trips", np.array(2, np.int64))]
+    return model(nodes, [vi("x", F32, [3, 8])], [vi("y", F32, [3, 5])], inits)
+
+
 # ---------------------------------------------------------------------------------------------
 # Quantized graphs (all refused)
 

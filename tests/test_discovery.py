@@ -242,24 +242,41 @@ def test_unknown_op_type_is_an_option_error():
 # What is not pruned
 
 
-def test_if_branch_weights_listed_as_skipped_not_pruned():
+def test_if_branch_weights_are_pruned_where_they_are_stored():
     model = G.if_model()
     assert _ort_runs(model, {"x": np.ones((3, 8), np.float32)})[0].shape == (3, 4)
     found = discover(model)
-    assert [w.name for w in found.weights] == ["W"]
-    skipped = {s.name: s for s in found.skipped}
-    assert set(skipped) == {"W_then", "W_else"}
-    assert skipped["W_then"].node_name == "then_mm" and skipped["W_else"].node_name == "else_mm"
-    for s in skipped.values():
-        assert "If" in s.reason and "'branch'" in s.reason and "not pruned" in s.reason
-    assert "then_branch" in skipped["W_then"].reason and "else_branch" in skipped["W_else"].reason
+    by_name = {w.name: w for w in found.weights}
+    assert set(by_name) == {"W", "W_then", "W_else"} and not found.skipped
+    assert by_name["W"].body == () and by_name["W"].consumers[0].body == ()
+    # the If is node 3; W_then an initializer of its then-branch, W_else a Constant of its else-branch
+    assert (by_name["W_then"].storage, by_name["W_then"].index, by_name["W_then"].body) == \
+        ("initializer", 0, ((3, "then_branch"),))
+    assert (by_name["W_else"].storage, by_name["W_else"].index, by_name["W_else"].body) == \
+        ("constant", 0, ((3, "else_branch"),))
+    assert [c.node_name for c in by_name["W_else"].consumers] == ["else_mm"]
+    assert by_name["W_else"].consumers[0].body == ((3, "else_branch"),)
+    for w in found.weights:  # each locates its own tensor, and the MACs are read inside the bodies too
+        assert w.tensor(model).name == w.name and w.macs == 3 * w.size
+    assert "in an If body" in by_name["W_else"].where
 
 
-def test_main_graph_weight_also_read_in_subgraph_is_not_pruned():
+def test_main_graph_weight_read_in_an_if_body_is_pruned_with_both_readers():
     found = discover(G.if_model(share_outer=True))
+    shared = next(w for w in found.weights if w.name == "W_shared")
+    assert shared.body == ()
+    assert {(c.node_name, c.body) for c in shared.consumers} == {("mm_side", ()), ("then_mm", ((3, "then_branch"),))}
+
+
+def test_loop_body_weights_stay_whole():
+    model = G.loop_model()
+    assert _ort_runs(model, {"x": np.ones((3, 8), np.float32)})[0].shape == (3, 5)
+    found = discover(model)
     assert [w.name for w in found.weights] == ["W"]
-    reasons = [s.reason for s in found.skipped if s.name == "W_shared"]
-    assert "also used inside a control-flow body; not pruned" in reasons
+    reasons = {s.name: s.reason for s in found.skipped}
+    assert set(reasons) == {"W_loop"}  # read by body_mm in the Loop and by out_mm outside it
+    assert "Loop" in reasons["W_loop"] or "control-flow" in reasons["W_loop"]
+    assert any("'repeat'" in s.reason and "Loop and Scan" in s.reason for s in found.skipped)
 
 
 @pytest.mark.parametrize("kind", sorted(G.QUANTIZED))

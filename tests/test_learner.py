@@ -52,7 +52,7 @@ def make_learner(model, target=0.7, seed=0, n_samples=96, n_train=80, **opts):
     options = LearnOptions(**({"iters": 20, "batch_size": 16, "seed": seed} | opts))
     nodes = model.graph.node
     learner = Learner(module, found.weights, problem, initial, {"x": x[:n_train]}, {"x": x[n_train:]}, options,
-                      attrs_of=lambda i: {a.name: a.i for a in nodes[i].attribute}, clock_start=clock_start)
+                      attrs_of=lambda c: {a.name: a.i for a in nodes[c.node_index].attribute}, clock_start=clock_start)
     return learner, problem, initial, module
 
 

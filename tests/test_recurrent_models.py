@@ -53,7 +53,7 @@ def test_recurrent_weights_are_found_with_axes_and_macs(kind, gates, tmp_path):
     assert [w.shape for w in recurrent] == [(2, gates * HIDDEN, FEATURES), (2, gates * HIDDEN, HIDDEN),
                                            (2, gates * HIDDEN, 2 * HIDDEN), (2, gates * HIDDEN, HIDDEN)]
     nodes = model.graph.node
-    attrs_of = lambda i: {a.name: a.i for a in nodes[i].attribute}  # noqa: E731
+    attrs_of = lambda c: {a.name: a.i for a in nodes[c.node_index].attribute}  # noqa: E731
     assert {output_axis(w, attrs_of) for w in recurrent} == {1}  # the gates * hidden rows
     # every step multiplies by all of W and R, per batch item
     assign_macs(model, found.weights, {"x": (1, STEPS, FEATURES)})

@@ -59,14 +59,19 @@ def _feed(model: onnx.ModelProto, seed: int = 1) -> dict[str, np.ndarray]:
     return feed
 
 
-def _values_by_name(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """Main-graph tensors by name: initializers and Constant node values (by output name)."""
-    out = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
+def _values_by_name(model: onnx.ModelProto | onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Stored tensors by name: initializers and Constant node values (by output name), in the
+    main graph and in If bodies."""
+    graph = model.graph if isinstance(model, onnx.ModelProto) else model
+    out = {t.name: t for t in graph.initializer}
+    for node in graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":
                     out[node.output[0]] = attr.t
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                out.update(_values_by_name(attr.g))
     return out
 
 
@@ -89,7 +94,16 @@ def assert_same_graph_except_pruned(src: onnx.ModelProto, out: onnx.ModelProto, 
     assert [(o.domain, o.version) for o in out.opset_import] == [(o.domain, o.version) for o in src.opset_import]
     assert (out.producer_name, out.producer_version, out.domain, out.model_version) == (
         src.producer_name, src.producer_version, src.domain, src.model_version)
-    g, h = src.graph, out.graph
+    _same_graph_except_pruned(src.graph, out.graph, pruned, exact_proto)
+    # metadata: every non-fcpts entry kept in order; the tool only adds fcpts_onnx.* keys
+    theirs = [(p.key, p.value) for p in src.metadata_props]
+    ours = [(p.key, p.value) for p in out.metadata_props if not p.key.startswith(METADATA_PREFIX)]
+    assert ours == theirs
+    assert any(p.key.startswith(METADATA_PREFIX) for p in out.metadata_props)
+
+
+def _same_graph_except_pruned(g: onnx.GraphProto, h: onnx.GraphProto, pruned: set[str], exact_proto: bool) -> None:
+    """A graph (the main one or an If body) is the same except the pruned tensors' values."""
     assert h.name == g.name
     assert [v.SerializeToString() for v in h.input] == [v.SerializeToString() for v in g.input]
     assert [v.SerializeToString() for v in h.output] == [v.SerializeToString() for v in g.output]
@@ -104,6 +118,8 @@ def assert_same_graph_except_pruned(src: onnx.ModelProto, out: onnx.ModelProto, 
         for x, y in zip(a.attribute, b.attribute):
             if is_pruned_constant and x.name == "value":
                 _same_tensor_except_values(x.t, y.t)
+            elif x.type == onnx.AttributeProto.GRAPH:  # an If body: the same rules inside
+                _same_graph_except_pruned(x.g, y.g, pruned, exact_proto)
             elif exact_proto:
                 assert x.SerializeToString() == y.SerializeToString(), (a.name, x.name)
             elif x.HasField("t"):
@@ -118,11 +134,6 @@ def assert_same_graph_except_pruned(src: onnx.ModelProto, out: onnx.ModelProto, 
         else:
             _same_tensor(a, b, exact_proto=exact_proto)
     assert len(h.sparse_initializer) == len(g.sparse_initializer)
-    # metadata: every non-fcpts entry kept in order; the tool only adds fcpts_onnx.* keys
-    theirs = [(p.key, p.value) for p in src.metadata_props]
-    ours = [(p.key, p.value) for p in out.metadata_props if not p.key.startswith(METADATA_PREFIX)]
-    assert ours == theirs
-    assert any(p.key.startswith(METADATA_PREFIX) for p in out.metadata_props)
 
 
 def _pruned_values_check(src: onnx.ModelProto, out: onnx.ModelProto, names) -> int:
@@ -330,19 +341,28 @@ def test_identity_reached_initializer_pruned_in_place(tmp_path):
     assert np.count_nonzero(numpy_helper.to_array(out.graph.initializer[0]) == 0) == 20
 
 
-def test_subgraph_weights_are_left_byte_identical(tmp_path):
+def test_if_body_weights_are_written_in_place(tmp_path):
     src = G.if_model(share_outer=True)
     in_path = G.save(src, tmp_path / "in.onnx")
     report = sparsify(in_path, tmp_path / "out.onnx", sparsity=0.5, report_path=False)
     out = onnx.load_model(str(tmp_path / "out.onnx"))
-    assert [row.name for row in report.layers] == ["W"]
-    # W_shared: read by main-graph mm_side and inside the then-branch; W_else: a branch Constant
-    assert {s["name"] for s in report.skipped} == {"W_shared", "W_else"}
-    if_src = next(n for n in src.graph.node if n.op_type == "If")
+    # W_shared: read by main-graph mm_side and inside the then-branch; W_else: a Constant in the else-branch
+    assert sorted(row.name for row in report.layers) == ["W", "W_else", "W_shared"] and not report.skipped
     if_out = next(n for n in out.graph.node if n.op_type == "If")
-    assert if_out.SerializeToString() == if_src.SerializeToString()
-    shared = {t.name: t for t in out.graph.initializer}["W_shared"]
-    assert shared.SerializeToString() == {t.name: t for t in src.graph.initializer}["W_shared"].SerializeToString()
+    else_g = next(a.g for a in if_out.attribute if a.name == "else_branch")
+    w_else = numpy_helper.to_array(else_g.node[0].attribute[0].t)
+    shared = numpy_helper.to_array({t.name: t for t in out.graph.initializer}["W_shared"])
+    w = numpy_helper.to_array({t.name: t for t in out.graph.initializer}["W"])
+    assert sum(int(np.count_nonzero(a == 0)) for a in (w, w_else, shared)) == _expected_zeros(0.5, 40 + 20 + 20)
+    assert int(np.count_nonzero(w_else == 0)) > 0  # the body's own tensor took zeros, in place
+    # nothing else in the If changed: with the pruned values put back, the node is the input's byte for byte
+    if_src = next(n for n in src.graph.node if n.op_type == "If")
+    restored = onnx.NodeProto()
+    restored.CopyFrom(if_out)
+    src_else = next(a.g for a in if_src.attribute if a.name == "else_branch")
+    next(a.g for a in restored.attribute if a.name == "else_branch").node[0].attribute[0].t.CopyFrom(
+        src_else.node[0].attribute[0].t)
+    assert restored.SerializeToString() == if_src.SerializeToString()
 
 
 def test_excluded_weight_is_byte_identical(tmp_path):

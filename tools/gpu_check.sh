@@ -47,4 +47,12 @@ done
 # The ResNet-18 timing bar (224x224, 256 samples, default settings) with --device cuda.
 step resnet18_cuda 240 $PY tools/time_resnet18.py --workdir "$WORK/r18" -- --device cuda --quiet
 cp "$WORK/r18/resnet18.sparse.report.json" "$OUT/resnet18_cuda.json" 2>/dev/null
+
+# Where a GPU step's time goes: the host-side profile of a short ResNet-18 run on the same
+# model (60 steps), top functions by own time. Waits on the GPU show up as .item()/.cpu() calls.
+step resnet18_profile 180 $PY -m cProfile -o "$OUT/resnet18_cuda.prof" -m fcpts_onnx optimize \
+    "$WORK/r18/resnet18.onnx" --calib "$WORK/r18/calib256.npz" --sparsity 0.8 --iters 60 --device cuda \
+    --quiet -o "$WORK/r18/profiled.onnx" --report "$OUT/resnet18_profile.json"
+$PY -c "import pstats; pstats.Stats('$OUT/resnet18_cuda.prof').sort_stats('tottime').print_stats(35)" \
+    >"$OUT/resnet18_profile.txt" 2>&1
 rm -rf "$WORK"

@@ -24,7 +24,14 @@ import numpy as np
 import torch
 
 from ..allocation.problem import AllocationProblem, smallest_scores
-from ..discovery import FUSED_OP_TYPES, RECURRENT_OP_TYPES, PrunableWeight, einsum_weight_axes, matmul_output_axis
+from ..discovery import (
+    FUSED_OP_TYPES,
+    RECURRENT_OP_TYPES,
+    Consumer,
+    PrunableWeight,
+    einsum_weight_axes,
+    matmul_output_axis,
+)
 from .bridge import kde_index, layer_sparsity, silverman_bandwidth
 from .loss import channel_energies, distillation_loss, output_loss_kinds, per_sample_losses
 from .options import DEFAULT_BATCH, DEFAULT_ITERS, DEFAULT_TIME_BUDGET, MIN_AUTO_BATCH, REFINE_SHARE, LearnOptions
@@ -122,7 +129,7 @@ class _TrialRun:
     snap: dict | None = None  # weights and thresholds at its end; None while they are the live ones
 
 
-def output_axis(weight: PrunableWeight, attrs_of: Callable[[int], dict]) -> int | tuple[int, ...]:
+def output_axis(weight: PrunableWeight, attrs_of: Callable[[Consumer], dict]) -> int | tuple[int, ...]:
     """The axis (or axes: an Einsum's weight may index outputs by two) of the stored weight that
     indexes output channels/features."""
     c = weight.consumers[0]
@@ -130,10 +137,10 @@ def output_axis(weight: PrunableWeight, attrs_of: Callable[[int], dict]) -> int 
     return tuple(c.stored_axis(a) for a in axis) if isinstance(axis, tuple) else c.stored_axis(axis)
 
 
-def _output_axis_as_read(c, rank: int, attrs_of: Callable[[int], dict]) -> int | tuple[int, ...]:
+def _output_axis_as_read(c, rank: int, attrs_of: Callable[[Consumer], dict]) -> int | tuple[int, ...]:
     op_type = FUSED_OP_TYPES.get(c.op_type, c.op_type)  # FusedConv reads its weight like Conv
     if op_type == "Einsum":
-        equation = attrs_of(c.node_index).get("equation", "")
+        equation = attrs_of(c).get("equation", "")
         axes = einsum_weight_axes(equation.decode() if isinstance(equation, bytes) else equation, c.input_index)
         return axes[0] if len(axes[0]) > 1 else axes[0][0]
     if op_type == "Conv":
@@ -143,12 +150,12 @@ def _output_axis_as_read(c, rank: int, attrs_of: Callable[[int], dict]) -> int |
     if op_type in RECURRENT_OP_TYPES:  # W, R: [directions, gates * hidden (the outputs), input]
         return 1
     if op_type == "Gemm":
-        attrs = attrs_of(c.node_index)
+        attrs = attrs_of(c)
         if c.input_index == 1:
             return 0 if attrs.get("transB", 0) else 1
         return 1 if attrs.get("transA", 0) else 0
     # MatMul; FusedMatMul's transA/B and transBatchA/B move the output axis.
-    attrs = attrs_of(c.node_index) if c.op_type in FUSED_OP_TYPES else {}
+    attrs = attrs_of(c) if c.op_type in FUSED_OP_TYPES else {}
     return matmul_output_axis(attrs, c.input_index, rank)
 
 
@@ -318,7 +325,7 @@ class Learner:
             counts for reconstruction under fixed masks).
         train, holdout: calibration inputs as tensors on the module's device.
         options: LearnOptions.
-        attrs_of: node index -> that node's attributes (to find output-channel axes).
+        attrs_of: a consumer -> its node's attributes (to find output-channel axes).
         progress: called as progress(step, total, info_dict) after each step.
         auto_batch: ``options.batch_size`` is the largest batch allowed, not a choice: a run
             sized by time may learn on a smaller one, down to MIN_AUTO_BATCH (see
@@ -328,7 +335,7 @@ class Learner:
     def __init__(self, module, weights: Sequence[PrunableWeight], problem: AllocationProblem,
                  initial_counts: np.ndarray, train: Mapping[str, torch.Tensor],
                  holdout: Mapping[str, torch.Tensor], options: LearnOptions, *,
-                 attrs_of: Callable[[int], dict], progress: Callable | None = None, auto_batch: bool = False,
+                 attrs_of: Callable[[Consumer], dict], progress: Callable | None = None, auto_batch: bool = False,
                  clock_start: float | None = None):
         # The time budget counts from clock_start (the learn stage's start: building the trainable
         # form, its parity check and the memory plan), else from now; the teacher pass and the

@@ -12,7 +12,7 @@ import torch
 
 from ..allocation import AllocationProblem, allocate
 from ..calibration import CalibrationSet, static_batch
-from ..discovery import Discovery
+from ..discovery import Consumer, Discovery, consumer_node
 from ..onnx_io import LoadedModel
 from ..trainable import build_trainable, deterministic_cudnn, full_float32, parameter_table
 from ..writeback import cast_keeping_nonzeros
@@ -85,10 +85,9 @@ def _learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, t
     def to_device(cal: CalibrationSet) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in cal.arrays.items()}
 
-    nodes = loaded.model.graph.node
-
-    def attrs_of(i: int) -> dict:  # the ints (Gemm's transB) and strings (Einsum's equation) that say the layout
-        return {a.name: a.i if a.type == a.INT else a.s.decode() for a in nodes[i].attribute if a.type in (a.INT, a.STRING)}
+    def attrs_of(c: Consumer) -> dict:  # the ints (Gemm's transB) and strings (Einsum's equation) that say the layout
+        node = consumer_node(loaded.model.graph, c)
+        return {a.name: a.i if a.type == a.INT else a.s.decode() for a in node.attribute if a.type in (a.INT, a.STRING)}
 
     # A graph exported with a fixed batch may bake it into Reshape constants: learn at that batch.
     fixed_batch = static_batch(loaded.model)
@@ -124,6 +123,8 @@ def _learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, t
                 dtype = onnx_np_dtype(stored.data_type)
                 updates.append((source, module.parameter(key).detach().cpu().numpy().astype(dtype)))
     sizes = [w.size for w in found.weights]
+    # weights whose every reader sits in an If body that no learning batch took: nothing reached them
+    untaken = [w.name for w in found.weights if all(c.body and c.body not in module.body_runs for c in w.consumers)]
     report = {
         "method": method,
         "reconstruct": reconstruct,
@@ -178,6 +179,7 @@ def _learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, t
                          if result.holdout_curve else None, "best": result.final_holdout_loss,
                          "curve": result.holdout_curve},
         "options": asdict(options),
+        "weights_in_untaken_branches": untaken,
     }
     return StageResult(result.counts, updates, report)
 

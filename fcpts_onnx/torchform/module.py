@@ -24,7 +24,9 @@ from ..discovery import (
     ConstantSource,
     GraphIndex,
     PrunableWeight,
+    body_graph,
     einsum_weight_axes,
+    if_body_nodes,
     locate_tensor,
     plain_op_type,
 )
@@ -83,9 +85,10 @@ class TensorSource:
     index: int
     dtype: str  # numpy dtype name of the stored tensor
     role: str  # "weight" (prunable), "bias" or "norm"
+    body: tuple[tuple[int, str], ...] = ()  # the If body it is stored in (discovery.body_graph)
 
     def tensor(self, model: onnx.ModelProto) -> onnx.TensorProto:
-        return locate_tensor(model, self.storage, self.index)
+        return locate_tensor(model, self.storage, self.index, self.body)
 
 
 def unsupported_operators(model: onnx.ModelProto) -> list[tuple[str, str, int, int]]:
@@ -93,14 +96,44 @@ def unsupported_operators(model: onnx.ModelProto) -> list[tuple[str, str, int, i
     opsets = {op.domain or "": op.version for op in model.opset_import}
     opsets[""] = opsets.get("", opsets.get("ai.onnx", 1))
     missing: Counter = Counter()
-    for node in model.graph.node:
-        domain = node.domain if node.domain not in ("ai.onnx",) else ""
-        if node.op_type == "Constant" and domain == "":
-            continue  # folded into buffers/parameters when the module is built
-        version = opsets.get(domain, 1)
-        if resolve(domain, node.op_type, version) is None:
-            missing[(domain or "ai.onnx", node.op_type, version)] += 1
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            domain = node.domain if node.domain not in ("ai.onnx",) else ""
+            if node.op_type == "Constant" and domain == "":
+                continue  # folded into buffers/parameters when the module is built
+            if node.op_type == "If" and domain == "":
+                for body in _if_branches(node):
+                    visit(body)
+                continue
+            version = opsets.get(domain, 1)
+            if resolve(domain, node.op_type, version) is None:
+                missing[(domain or "ai.onnx", node.op_type, version)] += 1
+
+    visit(model.graph)
     return [(d, op, v, n) for (d, op, v), n in sorted(missing.items())]
+
+
+def _if_branches(node: onnx.NodeProto) -> tuple[onnx.GraphProto, onnx.GraphProto]:
+    """An If node's (then_branch, else_branch) bodies."""
+    bodies = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+    if set(bodies) != {"then_branch", "else_branch"}:
+        raise UnsupportedModelError(f"If node {node.name!r} lacks a then_branch or else_branch graph")
+    return bodies["then_branch"], bodies["else_branch"]
+
+
+def outer_names(graph: onnx.GraphProto) -> set[str]:
+    """The names a body reads from the scopes around it (its nested bodies' reads included)."""
+    defined = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+    defined |= {o for n in graph.node for o in n.output if o}
+    used = set()
+    for node in graph.node:
+        used.update(n for n in node.input if n)
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs):
+                used |= outer_names(body)
+    used.update(o.name for o in graph.output)
+    return used - defined
 
 
 def refuse_unsupported(model: onnx.ModelProto) -> None:
@@ -171,12 +204,23 @@ def _fused_fn(kernel: Callable, attrs: dict, rank: int) -> OpFn:
 
 
 @dataclass
+class _Body:
+    """One branch of an If: its steps, its own constants, and the names it returns."""
+
+    steps: list[_Step]
+    constants: dict[str, str]  # value name -> buffer key
+    outputs: tuple[str, ...]
+    path: tuple[tuple[int, str], ...]  # where it sits (discovery.body_graph), as Consumer.body spells it
+
+
+@dataclass
 class _Step:
-    fn: OpFn
+    fn: OpFn | None
     ctx: NodeContext
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     release: tuple[str, ...]  # values whose last use is this step
+    branches: tuple[_Body, _Body] | None = None  # an If's (then, else); fn is None then
 
 
 class OnnxModule(nn.Module):
@@ -193,6 +237,7 @@ class OnnxModule(nn.Module):
         super().__init__()
         refuse_unsupported(model)
         graph = model.graph
+        self._graph = graph  # If bodies are planned from it (kept for their constants' places)
         opsets = {op.domain or "": op.version for op in model.opset_import}
         self.opset = opsets.get("", opsets.get("ai.onnx", 1))
         index = GraphIndex(graph, model.opset_import)
@@ -212,17 +257,22 @@ class OnnxModule(nn.Module):
             tensor = source.tensor(model)
             array = onnx.numpy_helper.to_array(tensor)
             self._params[key] = nn.Parameter(to_torch(array).float())
-            self.sources[key] = TensorSource(source.name, source.storage, source.index, array.dtype.name, role)
+            self.sources[key] = TensorSource(source.name, source.storage, source.index, array.dtype.name, role,
+                                             source.body)
             by_source[source] = key
             return key
 
         for w in prunable:
-            key = add_parameter(ConstantSource(w.storage, w.index, w.name), "weight")
+            key = add_parameter(ConstantSource(w.storage, w.index, w.name, w.body), "weight")
             self.prunable_keys.append(key)
-        for node in graph.node:
+        readers = [(node, index) for node in graph.node]
+        for i, node in enumerate(graph.node):  # nodes in If bodies read main-graph biases too
+            if node.op_type == "If" and node.domain in ("", "ai.onnx"):
+                readers.extend((sub, scope) for sub, _, _, scope in if_body_nodes(node, i, index))
+        for node, scope in readers:
             for i, role in _tunable_inputs(node).items():
                 if role in tune and i < len(node.input) and node.input[i]:
-                    source, _ = index.resolve(node.input[i])
+                    source, _ = scope.resolve(node.input[i])
                     if source is not None and source.tensor(model).data_type in _FLOAT_TYPES:
                         add_parameter(source, role)
         if "bias" in tune:
@@ -248,7 +298,19 @@ class OnnxModule(nn.Module):
                         add_parameter(source, "norm")
 
         # Every constant value name (initializers, Constant outputs) -> a parameter or buffer.
-        param_by_name = {src.name: key for key, src in self.sources.items()}
+        param_by_name = {src.name: key for key, src in self.sources.items() if not src.body}
+        # those stored in If bodies, found by where they are stored
+        self._body_params = {(src.body, src.storage, src.index): key for key, src in self.sources.items() if src.body}
+        self._if_paths: dict[int, tuple[tuple[int, str], ...]] = {}  # id(If node) -> the body path it sits in
+
+        def find_ifs(g: onnx.GraphProto, path: tuple[tuple[int, str], ...]) -> None:
+            for i, node in enumerate(g.node):
+                if node.op_type == "If" and node.domain in ("", "ai.onnx"):
+                    self._if_paths[id(node)] = path
+                    for branch, body in zip(("then_branch", "else_branch"), _if_branches(node)):
+                        find_ifs(body, (*path, (i, branch)))
+
+        find_ifs(graph, ())
         n_buffers = 0
         for init in graph.initializer:
             if init.name in param_by_name:
@@ -271,9 +333,16 @@ class OnnxModule(nn.Module):
                     self._const_keys[name] = key
                 continue
             steps_nodes.append(node)
+        self._n_buffers = n_buffers
+        self._branches: dict[int, tuple[_Body, _Body]] = {}  # id(If node) -> its bodies, planned once
+        # how often each If body ran (by its path): weights in a body the data never takes learn nothing
+        self.body_runs: Counter = Counter()
         # The node-by-node plan, for callers that want values a fused chain no longer makes.
         self._exact_steps = self._plan(steps_nodes, opsets)
-        fusions = find_fusions(steps_nodes, self._stored_constant, opsets, self.output_names)
+        # values an If body reads from outside stay visible: a fused chain must not hide them
+        read_in_bodies = {n for node in steps_nodes if node.op_type == "If" and node.domain in ("", "ai.onnx")
+                          for body in _if_branches(node) for n in outer_names(body)}
+        fusions = find_fusions(steps_nodes, self._stored_constant, opsets, [*self.output_names, *read_in_bodies])
         self.fusions = Counter(f.kind for f in fusions)
         self._fused_away = {name for f in fusions for name in f.hidden}
         self._steps = self._plan(steps_nodes, opsets, fusions) if fusions else self._exact_steps
@@ -365,8 +434,41 @@ class OnnxModule(nn.Module):
             return None
         return getattr(self, key).detach().cpu().numpy()
 
+    def _add_buffer(self, value: np.ndarray) -> str:
+        key = f"c{self._n_buffers}"
+        self._n_buffers += 1
+        self.register_buffer(key, to_torch(value), persistent=False)
+        return key
+
+    def _if_bodies(self, node: onnx.NodeProto, opsets: dict[str, int]) -> tuple[_Body, _Body]:
+        """Plan an If's branches (once per node): their constants become buffers, and their
+        nodes run like the main graph's, reading outer values by name."""
+        if id(node) not in self._branches:
+            bodies = []
+            node_index = next(i for i, n in enumerate(self._graph_holding(node).node) if n is node)
+            for branch, graph in zip(("then_branch", "else_branch"), _if_branches(node)):
+                path = (*self._if_paths[id(node)], (node_index, branch))
+                constants = {}
+                for k, init in enumerate(graph.initializer):
+                    constants[init.name] = self._body_params.get((path, "initializer", k)) or \
+                        self._add_buffer(onnx.numpy_helper.to_array(init))
+                nodes = []
+                for k, sub in enumerate(graph.node):
+                    if sub.op_type == "Constant" and sub.domain in ("", "ai.onnx"):
+                        constants[sub.output[0]] = self._body_params.get((path, "constant", k)) or \
+                            self._add_buffer(_constant_node_value(sub))
+                    else:
+                        nodes.append(sub)
+                outputs = tuple(o.name for o in graph.output)
+                bodies.append(_Body(self._plan(nodes, opsets, keep=outputs), constants, outputs, path))
+            self._branches[id(node)] = (bodies[0], bodies[1])
+        return self._branches[id(node)]
+
+    def _graph_holding(self, node: onnx.NodeProto) -> onnx.GraphProto:
+        return body_graph(self._graph, self._if_paths[id(node)])
+
     def _plan(self, nodes: list[onnx.NodeProto], opsets: dict[str, int],
-              fusions: Sequence[Fusion] = ()) -> list[_Step]:
+              fusions: Sequence[Fusion] = (), keep: Sequence[str] | None = None) -> list[_Step]:
         fused_at = {id(f.nodes[-1]): f for f in fusions}  # a chain runs where its last node was
         inside = {id(n) for f in fusions for n in f.nodes[:-1]}
         ordered = []
@@ -382,21 +484,31 @@ class OnnxModule(nn.Module):
                     f"fused {fusion.kind}", [fusion.x, *fusion.extra], [fusion.output],
                     name=f"{node.name or fusion.output} (fused {fusion.kind} of {len(fusion.nodes)} nodes)"))
                 kernels[id(ordered[-1])] = _fused_fn(KERNELS[fusion.kind], dict(fusion.attrs), fusion.rank)
+        def reads(node: onnx.NodeProto) -> list[str]:  # an If also reads what its bodies use
+            if node.op_type == "If" and node.domain in ("", "ai.onnx"):
+                return [*node.input, *sorted(set().union(*(outer_names(b) for b in _if_branches(node))))]
+            return list(node.input)
+
         last_use: dict[str, int] = {}
         for i, node in enumerate(ordered):
-            for name in node.input:
+            for name in reads(node):
                 if name:
                     last_use[name] = i
-        keep = set(self.output_names)
+        keep = set(self.output_names if keep is None else keep)
         steps = []
         for i, node in enumerate(ordered):
             domain = "" if node.domain in ("", "ai.onnx") else node.domain
+            release = tuple(sorted({n for n in reads(node) if n and last_use[n] == i and n not in keep}))
+            if node.op_type == "If" and domain == "":
+                opset = opsets.get(domain, 1)
+                steps.append(_Step(None, NodeContext(node, opset), tuple(node.input), tuple(node.output), release,
+                                   self._if_bodies(node, opsets)))
+                continue
             if id(node) in kernels:
                 fn, opset = kernels[id(node)], 0
             else:
                 opset = opsets.get(domain, 1)
                 fn = resolve(domain, node.op_type, opset)
-            release = tuple(sorted({n for n in node.input if n and last_use[n] == i and n not in keep}))
             steps.append(_Step(fn, NodeContext.of(node, opset), tuple(node.input), tuple(node.output), release))
         return steps
 
@@ -434,16 +546,27 @@ class OnnxModule(nn.Module):
         device = next((env[n].device for n in self.input_names), None)
         if device is None:
             device = next((v.device for v in env.values() if isinstance(v, torch.Tensor)), None)
-        for step in plan:
+        self._execute(plan, env, wanted, keep_all, device)
+        env.pop("", None)
+        if keep_all:
+            return env
+        return {n: env[n] for n in (*self.output_names, *wanted) if n in env}
+
+    def _execute(self, steps: list[_Step], env: dict, wanted: set[str], keep_all: bool, device) -> None:
+        """Run ``steps`` over ``env`` in place, dropping each value after its last use."""
+        for step in steps:
             step.ctx.device = device
-            args = [env[n] if n else None for n in step.inputs]
-            # Trailing absent optional inputs are dropped so implementations see their defaults.
-            while args and args[-1] is None:
-                args.pop()
             try:
-                result = step.fn(step.ctx, *args)
-            except FcptsError:
-                raise  # an op refusing a configuration it cannot reproduce: already a user-facing message
+                if step.branches is not None:
+                    result = self._run_if(step, env, device)
+                else:
+                    args = [env[n] if n else None for n in step.inputs]
+                    # Trailing absent optional inputs are dropped so implementations see their defaults.
+                    while args and args[-1] is None:
+                        args.pop()
+                    result = step.fn(step.ctx, *args)
+            except (FcptsError, NodeExecutionError):
+                raise  # an op refusing what it cannot reproduce, or a node inside an If: already said
             except Exception as exc:
                 raise NodeExecutionError(step.ctx, exc) from exc
             if not isinstance(result, (tuple, list)):
@@ -455,10 +578,20 @@ class OnnxModule(nn.Module):
                 for name in step.release:
                     if name not in wanted:
                         env.pop(name, None)
-        env.pop("", None)
-        if keep_all:
-            return env
-        return {n: env[n] for n in (*self.output_names, *wanted) if n in env}
+
+    def _run_if(self, step: _Step, env: dict, device) -> list[torch.Tensor]:
+        """ONNX If: the condition is read on the host (a data-dependent branch, as in
+        onnxruntime), and the chosen body runs over a view of the outer values."""
+        cond = env[step.inputs[0]]
+        if cond is None or cond.numel() != 1:
+            raise ValueError(f"If condition must hold one element, got shape {None if cond is None else tuple(cond.shape)}")
+        body = step.branches[0] if bool(cond.reshape(-1)[0]) else step.branches[1]
+        self.body_runs[body.path] += 1
+        scope = dict(env)
+        for name, key in body.constants.items():
+            scope[name] = self._constant(key)  # a pruned weight through its mask, as in the main graph
+        self._execute(body.steps, scope, set(body.outputs), False, device)
+        return [scope[name] for name in body.outputs]
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feeds = dict(zip(self.input_names, args))

@@ -1,0 +1,274 @@
+"""If graphs: the trainable form runs their bodies exactly (onnxruntime is the oracle), and the
+weights the bodies read are pruned, learned and written back where they are stored: in the
+main graph, or in a body as an initializer or a Constant node. Loop and Scan stay refused by
+the trainable form and their weights stay whole.
+
+Where such graphs come from: torch's legacy exporter writes an If for ``squeeze(dim)`` on a
+dynamic axis and for scripted branches; the dynamo exporter for ``torch.cond`` (silero-vad's
+op18 "ifless" export puts the 16 kHz and 8 kHz networks in the two branches of one If, their
+weights in the main graph); spox-built graphs keep the weights in the branches as Constants.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from fcpts_onnx import sparsify
+from fcpts_onnx.discovery import discover
+from fcpts_onnx.errors import UnsupportedModelError
+from fcpts_onnx.learner.options import LearnOptions
+from fcpts_onnx.torchform.module import OnnxModule
+
+try:
+    from . import graphs as G
+except ImportError:  # run as a plain module
+    import graphs as G
+
+F32 = TensorProto.FLOAT
+WIDTH = 6
+STORAGES = ("main", "initializer", "constant")  # where a branch's weight is stored
+
+
+def _weight(tag: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, tag])
+    return (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32)
+
+
+def nested_if(depth: int, storages: tuple[str, ...], seed: int = 0, by_shape: bool = False) -> onnx.ModelProto:
+    """x [N, 6] -> h = x @ W0; then ``depth`` nested Ifs. Level k branches on
+    sum(x * s_k) > 0 (s_k a main-graph constant, read from k levels down), so each batch
+    picks its path; with ``by_shape`` on x's width, 6 > 3 * (k + 1) (then, else, else...), the same
+    for every batch, as torch's squeeze-on-a-dynamic-axis If does. A body on the path
+    P ("t" for a then-branch, "e" for an else-branch, outermost first: "te" is the else-branch
+    inside the outer then-branch) multiplies h by its weight W<P>: Relu(h @ W<P>) in a
+    then-branch, 0.5 * (h @ W<P>) in an else-branch, plus the next level's If inside it.
+    ``storages[k]`` says where level k's weights are stored (the main graph, a body
+    initializer or a body Constant node). The output is the outermost If's plus h (an outer
+    value read again after)."""
+    inits = [numpy_helper.from_array(_weight(0, seed), "W0")]
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["h"], name="mm0")]
+    for k in range(depth):
+        scale = np.random.default_rng(seed + 100 + k).standard_normal(WIDTH).astype(np.float32)
+        inits.append(numpy_helper.from_array(scale, f"s{k}"))
+        if by_shape:
+            inits.append(numpy_helper.from_array(np.array([3 * (k + 1)], np.int64), f"bound{k}"))
+            nodes += [helper.make_node("Shape", ["x"], [f"width{k}"], start=1),
+                      helper.make_node("Greater", [f"width{k}", f"bound{k}"], [f"cond{k}"])]
+        else:
+            nodes += [helper.make_node("Mul", ["x", f"s{k}"], [f"xs{k}"]),
+                      helper.make_node("ReduceSum", [f"xs{k}"], [f"sum{k}"], keepdims=0),
+                      helper.make_node("Greater", [f"sum{k}", "zero"], [f"cond{k}"])]
+    inits.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
+
+    def level(k: int, prefix: str) -> tuple[onnx.GraphProto, onnx.GraphProto]:
+        bodies = []
+        for branch in "te":
+            path = prefix + branch
+            name = f"W{path}"
+            values = _weight(len(path) * 31 + sum(ord(c) for c in path), seed)
+            body_nodes, body_inits = [], []
+            if storages[k] == "main":
+                inits.append(numpy_helper.from_array(values, name))
+            elif storages[k] == "initializer":
+                body_inits.append(numpy_helper.from_array(values, name))
+            else:
+                body_nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(values, name)))
+            body_nodes.append(helper.make_node("MatMul", ["h", name], [f"{path}_mm"], name=f"{path}_mm"))
+            if branch == "t":
+                body_nodes.append(helper.make_node("Relu", [f"{path}_mm"], [f"{path}_a"]))
+            else:
+                body_nodes += [helper.make_node("Constant", [], [f"{path}_half"],
+                                                value=numpy_helper.from_array(np.array(0.5, np.float32))),
+                               helper.make_node("Mul", [f"{path}_mm", f"{path}_half"], [f"{path}_a"])]
+            out = f"{path}_a"
+            if k + 1 < depth:
+                inner_then, inner_else = level(k + 1, path)
+                body_nodes += [helper.make_node("If", [f"cond{k + 1}"], [f"{path}_if"], name=f"{path}_if",
+                                                then_branch=inner_then, else_branch=inner_else),
+                               helper.make_node("Add", [out, f"{path}_if"], [f"{path}_out"])]
+                out = f"{path}_out"
+            bodies.append(helper.make_graph(body_nodes, f"body_{path}", [],
+                                            [helper.make_tensor_value_info(out, F32, ["N", WIDTH])], body_inits))
+        return bodies[0], bodies[1]
+
+    if depth:
+        then_g, else_g = level(0, "")
+        nodes += [helper.make_node("If", ["cond0"], ["y0"], name="if0", then_branch=then_g, else_branch=else_g),
+                  helper.make_node("Add", ["y0", "h"], ["y"])]
+    else:
+        nodes.append(helper.make_node("Relu", ["h"], ["y"]))
+    graph = helper.make_graph(nodes, "nested_if", [helper.make_tensor_value_info("x", F32, ["N", WIDTH])],
+                              [helper.make_tensor_value_info("y", F32, ["N", WIDTH])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _layers(depth: int) -> int:
+    return 2 ** (depth + 1) - 1  # W0 and one weight per body
+
+
+def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def _torch(module: OnnxModule, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return module(torch.from_numpy(x))[0].numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# The trainable form
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(depth=st.integers(1, 3), storages=st.lists(st.sampled_from(STORAGES), min_size=3, max_size=3),
+       seed=st.integers(0, 1000), batch=st.integers(1, 5))
+def test_nested_ifs_match_onnxruntime_on_every_path(depth, storages, seed, batch):
+    model = nested_if(depth, tuple(storages), seed)
+    module = OnnxModule(model, discover(model).weights)
+    rng = np.random.default_rng(seed)
+    for _ in range(6):  # each draw takes its own path through the levels
+        x = rng.standard_normal((batch, WIDTH)).astype(np.float32)
+        np.testing.assert_allclose(_torch(module, x), _ort(model, x), rtol=1e-5, atol=1e-5)
+    assert sum(module.body_runs.values()) == 6 * depth  # every draw went through every level once
+
+
+def test_both_branches_of_the_shared_weight_model_match_onnxruntime():
+    for share_outer in (False, True):
+        model = G.if_model(share_outer=share_outer)
+        module = OnnxModule(model, discover(model).weights)
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        taken = set()
+        for sign in (1.0, -1.0):
+            x = np.abs(G.rand((3, 8), 5)) * sign
+            expected = session.run(None, {"x": x})
+            with torch.no_grad():
+                got = module(torch.from_numpy(x))
+            for e, g in zip(expected, got):
+                np.testing.assert_allclose(g.numpy(), e, rtol=1e-5, atol=1e-6)
+            taken |= set(module.body_runs)
+        assert taken == {((3, "then_branch"),), ((3, "else_branch"),)}
+
+
+def test_a_mask_on_a_body_stored_weight_reaches_the_body():
+    """Learning masks weights through weight_transforms; a body's own weight must go through it too."""
+    model = nested_if(1, ("constant",))
+    module = OnnxModule(model, discover(model).weights)
+    x = np.abs(G.rand((2, WIDTH), 3))  # sum(x * s0) decides the branch: find which one ran
+    dense = _torch(module, x)
+    (path,) = module.body_runs
+    branch_key = next(k for k, src in module.sources.items() if src.body == path)
+    module.weight_transforms[branch_key] = lambda w: torch.zeros_like(w)
+    masked = _torch(module, x)
+    h = x @ _weight(0, 0)
+    # with the branch's weight zeroed the If gives 0 (Relu(0) or 0.5 * 0): the output is h alone
+    np.testing.assert_allclose(masked, h, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(dense, masked)
+
+
+def test_gradients_reach_weights_in_the_main_graph_and_in_bodies():
+    model = nested_if(2, ("main", "constant", "initializer"))
+    module = OnnxModule(model, discover(model).weights)
+    x = torch.from_numpy(G.rand((4, WIDTH), 7))
+    module(x)[0].square().sum().backward()
+    touched = {module.sources[k].name for k in module.prunable_keys
+               if module.parameter(k).grad is not None and module.parameter(k).grad.abs().sum() > 0}
+    (path,) = [p for p in module.body_runs if len(p) == 1]
+    ran = "Wt" if path[0][1] == "then_branch" else "We"
+    assert {"W0", ran} <= touched
+    assert ({"Wt", "We"} - {ran}).isdisjoint(touched)  # the branch that did not run got nothing
+    assert len(touched) == 3  # W0, the outer branch's weight, one inner branch's weight
+
+
+def test_loop_is_still_refused_by_the_trainable_form():
+    with pytest.raises(UnsupportedModelError, match=r"Loop .*use a data-free method"):
+        OnnxModule(G.loop_model())
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery and write-back
+
+
+def test_discovery_finds_every_branch_weight_where_it_is_stored():
+    model = nested_if(3, ("main", "initializer", "constant"))
+    found = discover(model)
+    by_name = {w.name: w for w in found.weights}
+    paths = [a + b + c for a in "te" for b in "te" for c in "te"]
+    expected = {"W0", "Wt", "We"} | {f"W{p[:2]}" for p in paths} | {f"W{p}" for p in paths}
+    assert set(by_name) == expected and len(expected) == _layers(3) and not found.skipped
+    if_index = len(model.graph.node) - 2
+    assert by_name["Wt"].body == () and by_name["Wt"].consumers[0].body == ((if_index, "then_branch"),)
+    # level 1 sits in the bodies of the If inside each outer body: two bodies down
+    (inner_if,) = [j for j, n in enumerate(next(a.g for a in model.graph.node[if_index].attribute
+                                                 if a.name == "else_branch").node) if n.op_type == "If"]
+    assert (by_name["Wet"].storage, by_name["Wet"].body) == \
+        ("initializer", ((if_index, "else_branch"), (inner_if, "then_branch")))
+    assert by_name["Wete"].storage == "constant" and len(by_name["Wete"].body) == 3
+    for w in found.weights:
+        assert w.tensor(model).name == w.name
+        assert w.macs == WIDTH * WIDTH  # per sample: shape inference reaches into the bodies
+
+
+@pytest.mark.parametrize("method", ["global", "lamp", "uniform", "erk"])
+def test_data_free_methods_prune_branch_weights_exactly(method, tmp_path):
+    model = nested_if(2, ("constant", "initializer"))
+    src = G.save(model, tmp_path / "in.onnx")
+    before = src.read_bytes()
+    report = sparsify(src, tmp_path / "out.onnx", sparsity=0.6, method=method, report_path=False)
+    assert src.read_bytes() == before
+    out = onnx.load_model(str(tmp_path / "out.onnx"))
+    found = discover(out)
+    zeros = sum(int(np.count_nonzero(w.values(out) == 0)) for w in found.weights)
+    total = sum(w.size for w in found.weights)
+    assert total == _layers(2) * WIDTH * WIDTH and zeros == round(0.6 * total) == report.zero_params
+    for name in ("Wt", "Wet"):  # the body-stored ones really changed, in place
+        w = next(w for w in found.weights if w.name == name)
+        assert np.count_nonzero(w.values(out) == 0) > 0 and w.storage == ("constant" if name == "Wt" else "initializer")
+    x = G.rand((4, WIDTH), 9)
+    assert _ort(out, x).shape == (4, WIDTH)
+
+
+def test_fcpts_learns_and_writes_branch_weights_with_an_exact_count(tmp_path):
+    model = nested_if(2, ("constant", "main"), by_shape=True)  # every batch takes "t" then "te"
+    src = G.save(model, tmp_path / "in.onnx")
+    x = np.random.default_rng(0).standard_normal((256, WIDTH)).astype(np.float32)
+    out_path = tmp_path / "out.onnx"
+    report = sparsify(src, out_path, {"x": x}, sparsity=0.5, learn=LearnOptions(iters=40, batch_size=16, seed=0),
+                      report_path=False)
+    assert report.method == "fcpts" and report.learning["parity"]["passed"]
+    out = onnx.load_model(str(out_path))
+    found = discover(out)
+    zeros = sum(int(np.count_nonzero(w.values(out) == 0)) for w in found.weights)
+    assert zeros == round(0.5 * _layers(2) * WIDTH * WIDTH) == report.zero_params
+    # the surviving weights of the Constant in the then-branch were tuned and written in place
+    assert report.learning["best_step"] > 0
+    tuned = next(w for w in found.weights if w.name == "Wt").values(out)
+    original = next(w for w in discover(model).weights if w.name == "Wt").values(model)
+    kept = tuned != 0
+    assert not np.allclose(tuned[kept], original[kept])
+    # the bodies no batch took are named, and a note says what that means
+    assert sorted(report.learning["weights_in_untaken_branches"]) == ["We", "Wee", "Wet", "Wtt"]
+    assert any("4 weight(s) sit in If branches that no calibration batch took" in n for n in report.notes)
+
+
+def test_fcpts_runs_where_each_batch_picks_its_branch(tmp_path):
+    model = nested_if(2, ("initializer", "constant"))
+    src = G.save(model, tmp_path / "in.onnx")
+    x = np.random.default_rng(1).standard_normal((96, WIDTH)).astype(np.float32)
+    report = sparsify(src, tmp_path / "out.onnx", {"x": x}, sparsity=0.6,
+                      learn=LearnOptions(iters=12, batch_size=8, seed=0), report_path=False)
+    out = onnx.load_model(str(tmp_path / "out.onnx"))
+    zeros = sum(int(np.count_nonzero(w.values(out) == 0)) for w in discover(out).weights)
+    assert zeros == round(0.6 * _layers(2) * WIDTH * WIDTH) == report.zero_params
+    # batches of 8 go their own ways: over the run every body was taken, and nothing is noted
+    assert report.learning["weights_in_untaken_branches"] == []
+    assert not any("If branches" in n for n in report.notes)
