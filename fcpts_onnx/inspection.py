@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from .calibration import generate, graph_inputs
+from .calibration import batch_axis_conflict, generate, graph_inputs
 from .discovery import assign_macs, discover
+from .errors import UnsupportedModelError
 from .masks import count_zeros
 from .onnx_io import load_model
 from .report import _fmt_count, _short, format_layer_table, layer_label
@@ -129,6 +130,10 @@ def inspect_parity(model_path: str | Path, calibration_data: Any = None, *, devi
 
     loaded = load_model(model_path)
     found = discover(loaded.model, external=loaded.external_tensors)
+    # the check batches samples on every input's first axis, as optimize does: the same refusal
+    conflict = batch_axis_conflict(graph_inputs(loaded.model))
+    if conflict:
+        raise UnsupportedModelError(f"{loaded.path}: {conflict}")
     if calibration_data is None:
         calibration = generate(graph_inputs(loaded.model), shapes=input_shapes)
     else:

@@ -272,3 +272,51 @@ def test_fcpts_runs_where_each_batch_picks_its_branch(tmp_path):
     # batches of 8 go their own ways: over the run every body was taken, and nothing is noted
     assert report.learning["weights_in_untaken_branches"] == []
     assert not any("If branches" in n for n in report.notes)
+
+
+# --------------------------------------------------------------------------------------------
+# A real exporter's If
+
+
+class _SqueezeCRNN(torch.nn.Module):
+    """A CRNN-style recogniser: convolutions to height 1, squeeze(2), a BiLSTM and a Linear per step."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d((4, 1)))
+        self.rnn = nn.LSTM(16, 12, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(24, 7)
+
+    def forward(self, x):
+        features = self.conv(x).squeeze(2)  # the height is dynamic in the export: torch writes an If
+        hidden, _ = self.rnn(features.permute(0, 2, 1))
+        return self.fc(hidden)
+
+
+def test_torch_legacy_squeeze_on_a_dynamic_axis_runs_and_is_sparsified(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "crnn.onnx"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_SqueezeCRNN().eval(), (torch.randn(2, 3, 8, 32),), str(path), dynamo=False, opset_version=13,
+                          input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}, "y": {0: "batch", 1: "steps"}})
+    model = onnx.load_model(str(path))
+    assert [n.op_type for n in model.graph.node].count("If") == 1
+    x = np.random.default_rng(0).standard_normal((64, 3, 8, 32)).astype(np.float32)
+    module = OnnxModule(model, discover(model).weights)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(module(torch.from_numpy(x[:4]))[0].numpy(), session.run(None, {"x": x[:4]})[0],
+                                   rtol=1e-4, atol=1e-5)
+    report = sparsify(path, tmp_path / "out.onnx", {"x": x}, sparsity=0.6,
+                      learn=LearnOptions(iters=10, batch_size=16, seed=0), report_path=False)
+    assert report.method == "fcpts" and report.learning["parity"]["passed"]
+    assert len(report.layers) == 5  # two convolutions, the LSTM's W and R, the Linear
+    out = onnx.load_model(str(tmp_path / "out.onnx"))
+    zeros = sum(int(np.count_nonzero(w.values(out) == 0)) for w in discover(out).weights)
+    assert zeros == report.zero_params == round(0.6 * report.total_params)

@@ -153,6 +153,9 @@ def test_inputs_without_a_common_batch_axis(tmp_path, out_dir, capfd, second, ne
     for method in ("fcpts", "lamp"):
         assert_refused(optimize(model, out_dir, "--calib", "random", "--method", method), capfd, tmp_path,
                        "stateful.onnx", *needles)
+    # the parity check batches the same way: the same line, not onnxruntime's complaint about a
+    # vector fed where the graph declares a scalar
+    assert_refused(["inspect", model, "--parity"], capfd, tmp_path, "stateful.onnx", *needles)
 
 
 def test_matmul_of_two_activations_is_nothing_prunable(tmp_path, out_dir, capfd):
