@@ -67,6 +67,8 @@ def inspect_model(model_path: str | Path, *, nodes_to_exclude: tuple[str, ...] =
         "nodes": len(model.graph.node),
         "external_data": list(loaded.external_data_files),
         "initializer_params": all_params,
+        # what the graph stores anywhere: initializers and Constant nodes' tensors, If/Loop bodies too
+        "stored_params": _stored_params(model.graph),
         "prunable_params": total,
         "prunable_zeros": zeros,
         "global_sparsity": zeros / total if total else 0.0,
@@ -103,7 +105,7 @@ def format_inspection(info: dict[str, Any]) -> str:
         table if rows else "(no prunable layers)",
         "",
         f"prunable: {len(info['layers'])} weights, {info['prunable_params']} params "
-        f"({info['initializer_params']} params in initializers overall)",
+        f"({info['stored_params']} params stored in the graph overall)",
         f"global sparsity: {info['global_sparsity']:.2%} ({info['prunable_zeros']} zeros)",
     ]
     if info["macs"] is not None:
@@ -149,6 +151,17 @@ def inspect_parity(model_path: str | Path, calibration_data: Any = None, *, devi
             role: sum(p["params"] for p in params if p["role"] == role) for role in ("weight", "bias", "norm")
         },
     }
+
+
+def _stored_params(graph) -> int:
+    total = sum(int(np.prod(t.dims, dtype=np.int64)) for t in graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Constant" and attr.name == "value":
+                total += int(np.prod(attr.t.dims, dtype=np.int64))
+            for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                total += _stored_params(body)
+    return total
 
 
 def format_parity(info: dict[str, Any]) -> str:

@@ -55,6 +55,7 @@ def test_discovers_constant_node_weights(name, shape):
     assert len(info["layers"]) > 40
     assert {layer["storage"] for layer in info["layers"]} == {"Constant node"}
     assert info["initializer_params"] == 0
+    assert info["stored_params"] > info["prunable_params"] > 0  # the Constant nodes hold them
     assert info["macs"] is not None and info["macs"] > 1e6
 
 
