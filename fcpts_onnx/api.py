@@ -19,10 +19,11 @@ from . import __version__
 from .allocation import AllocationProblem, allocate, get_allocator
 from .allocation.problem import check_feasible
 from .calibration import (
+    BatchLayout,
     CalibrationSet,
-    batch_axis_conflict,
     generate,
     graph_inputs,
+    infer_layout,
     load_calibration,
     split_holdout,
     static_batch,
@@ -36,7 +37,7 @@ from .onnx_io import LoadedModel, check_output_path, check_report_path, load_mod
 from .report import LayerRow, Report
 from .resources import check_declared_shapes, default_memory_limit, format_bytes
 from .sparse_storage import densify, to_sparse_storage
-from .verify import check_model_file, count_zeros_in_file, fidelity, run_onnxruntime
+from .verify import check_model_file, count_zeros_in_file, fidelity, output_batch_axes, run_onnxruntime
 from .writeback import apply_updates
 
 
@@ -80,10 +81,19 @@ def discover_or_refuse(loaded: LoadedModel, options: SparsifyOptions) -> Discove
     return found
 
 
-def _calibration(source: Any, loaded: LoadedModel, shapes: Mapping[str, Sequence[int]] | None) -> CalibrationSet:
+def _calibration(source: Any, loaded: LoadedModel, shapes: Mapping[str, Sequence[int]] | None,
+                 layout: BatchLayout) -> CalibrationSet:
     if source is None:
-        return generate(graph_inputs(loaded.model), shapes=shapes)
-    return load_calibration(source, loaded.model)
+        return generate(graph_inputs(loaded.model), shapes=shapes, layout=layout)
+    return load_calibration(source, loaded.model, layout)
+
+
+def batch_layout(loaded: LoadedModel, batch_axes: Mapping[str, int] | None) -> BatchLayout:
+    """Where the inputs keep their samples (calibration.infer_layout), or a one-line refusal."""
+    try:
+        return infer_layout(graph_inputs(loaded.model), batch_axes)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"{loaded.path}: {exc}") from None
 
 
 def sparsify(
@@ -107,6 +117,7 @@ def sparsify(
     show_progress: bool = False,
     store: str = "dense",
     max_memory: int | str | None = None,
+    batch_axes: Mapping[str, int] | None = None,
 ) -> Report:
     """Sparsify an ONNX model to an exact global sparsity and write a verified copy.
 
@@ -135,6 +146,9 @@ def sparsify(
             bytes that way are written as ONNX sparse tensors (graph.sparse_initializer).
         max_memory: bytes, or text such as "8G": models whose declared shapes need more for one
             tensor are refused, and the learner's batch shrinks to fit (None: 80% of what is free).
+        batch_axes: input name -> the axis that holds its samples, where the graph does not say
+            (a state [2, batch, 128] beside a signal whose batch is unnamed, say). Scalar inputs
+            are settings: give their one value as a 0-d array in the calibration data.
 
     Returns:
         The :class:`~fcpts_onnx.report.Report`, also written as JSON unless report_path is False.
@@ -147,7 +161,7 @@ def sparsify(
         op_types=tuple(op_types) if op_types is not None else None,
         max_layer_sparsity=max_layer_sparsity, batch_size=batch_size, external_data=external_data,
         reconstruct=reconstruct, holdout=holdout, device=device, learn=learn or LearnOptions(), store=store,
-        max_memory=max_memory,
+        max_memory=max_memory, batch_axes=dict(batch_axes or {}),
     )
     return run(model_input, model_output, calibration_data, options,
                input_shapes=input_shapes, report_path=report_path, quiet=not show_progress)
@@ -187,10 +201,8 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
     # onnxruntime runs on the host; learning runs on --device (the GPU's free memory for cuda)
     host_limit = options.max_memory or default_memory_limit("cpu")
     with timer.stage("check_shapes"):  # absurd declared shapes are refused before anything is allocated
-        conflict = batch_axis_conflict(graph_inputs(loaded.model))
-        if conflict:
-            raise UnsupportedModelError(f"{loaded.path}: {conflict}")
-        fixed = static_batch(loaded.model)
+        layout = batch_layout(loaded, options.batch_axes)
+        fixed = static_batch(loaded.model, layout)
         check_declared_shapes(loaded.model, fixed or options.batch_size, host_limit, loaded.path,
                               batch_fixed=bool(fixed))
     with timer.stage("discover"):
@@ -198,17 +210,19 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
     with timer.stage("calibrate"):
         if random_calibration:
             calibration = generate(graph_inputs(loaded.model), n_samples=64, seed=options.learn.seed,
-                                   shapes=input_shapes)
+                                   shapes=input_shapes, layout=layout)
             notes.append("--calib random: learned from random inputs; these results mean nothing "
                          "about real data (smoke test only)")
         else:
-            calibration = _calibration(calibration_data, loaded, input_shapes)
+            calibration = _calibration(calibration_data, loaded, input_shapes, layout)
+        if not layout.trivial:  # where each output keeps its samples, measured by onnxruntime
+            calibration.layout = output_batch_axes(loaded.path, calibration, fixed)
         # Dynamic-shape exports: count MACs at the calibration data's sample shape (a graph with
         # a fixed batch is measured at that batch: onnxruntime refuses any other).
-        one_sample = calibration.take(slice(0, static_batch(loaded.model) or 1)).arrays
+        one_sample = calibration.take(slice(0, fixed or 1)).feed()
         assign_macs(loaded.model, found.weights, {k: v.shape for k, v in one_sample.items()}, feed=one_sample)
     if needs_data:
-        fixed_batch = static_batch(loaded.model)
+        fixed_batch = fixed
         train_idx, holdout_idx = split_holdout(calibration, options.holdout, options.learn.seed,
                                                multiple=fixed_batch or 1)
         fidelity_idx = holdout_idx
@@ -351,7 +365,9 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
         layers=layers, skipped=[asdict(s) for s in found.skipped],
         calibration={
             "source": calibration.source, "n_samples": calibration.n_samples, "generated": calibration.generated,
-            "inputs": {k: [list(v.shape), str(v.dtype)] for k, v in calibration.arrays.items()},
+            "inputs": {k: [list(v.shape), str(v.dtype)] for k, v in calibration.feed().items()},
+            # inputs and outputs that keep their samples on another axis than the first (None: a setting)
+            "batch_axes": {"inputs": dict(calibration.layout.inputs), "outputs": dict(calibration.layout.outputs)},
             "learned_on": 0 if learning is None else learning["train_samples"],
             "held_out_samples": int(len(fidelity_idx)),
         },

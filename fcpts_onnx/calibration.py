@@ -11,13 +11,21 @@ input whose first axis is the sample axis (the graph's batch axis). Sources:
 
 Everything is checked before any work: names, dtypes, ranks and static dimensions, sample
 counts, and NaN/inf values.
+
+Not every graph keeps its samples on every input's first axis. A streaming export's state
+([2, batch, 128] beside a signal [batch, 512]; an LSTM's h0/c0 [layers, batch, hidden]) keeps
+them on another axis, and a scalar input (a sample rate) is a setting with one value for
+every sample. :func:`infer_layout` reads where from the graph (``--batch-axis NAME=AXIS`` where
+it cannot), and a :class:`BatchLayout` says it: the data is given as the graph takes it,
+held here with the samples first, and turned back into graph feeds (settings added) for
+every run.
 """
 
 from __future__ import annotations
 
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,24 +80,65 @@ def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where a graph's inputs and outputs keep their samples, where that is not the first axis.
+
+    ``inputs``: input name -> its batch axis as the graph takes it, or None for a setting (a
+    scalar input: one value for every sample); inputs not named keep the batch first.
+    ``outputs``: output name -> its batch axis (outputs not named: the first).
+    """
+
+    inputs: Mapping[str, int | None] = field(default_factory=dict)
+    outputs: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def trivial(self) -> bool:
+        return not self.inputs and not self.outputs
+
+    @property
+    def settings(self) -> list[str]:
+        return [name for name, axis in self.inputs.items() if axis is None]
+
+    def to_graph(self, name: str, array, xp=np):
+        """One input's samples-first array as the graph takes it."""
+        axis = self.inputs.get(name, 0)
+        return array if not axis else xp.moveaxis(array, 0, axis)
+
+    def output_first(self, name: str, array, xp=np):
+        """One output as the graph gives it, samples first."""
+        axis = self.outputs.get(name, 0)
+        return array if not axis else xp.moveaxis(array, axis, 0)
+
+
 @dataclass
 class CalibrationSet:
-    """Validated calibration inputs: one array per graph input, first axis = samples."""
+    """Validated calibration inputs: one array per batched graph input, first axis = samples
+    (whatever axis the graph keeps them on: ``layout``), and the settings' values."""
 
     arrays: dict[str, np.ndarray]
     source: str
     generated: bool = False
+    layout: BatchLayout = field(default_factory=BatchLayout)
+    settings: dict[str, np.ndarray] = field(default_factory=dict)  # setting input -> its one value
 
     @property
     def n_samples(self) -> int:
         return next(iter(self.arrays.values())).shape[0]
 
     def take(self, index: np.ndarray | slice) -> CalibrationSet:
-        return CalibrationSet({k: v[index] for k, v in self.arrays.items()}, self.source, self.generated)
+        return CalibrationSet({k: v[index] for k, v in self.arrays.items()}, self.source, self.generated,
+                              self.layout, self.settings)
+
+    def feed(self) -> dict[str, np.ndarray]:
+        """All the samples as one feed, as the graph takes them (settings included)."""
+        feed = {k: np.ascontiguousarray(self.layout.to_graph(k, v)) for k, v in self.arrays.items()}
+        return feed | self.settings
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds of ``batch_size`` samples, as the graph takes them (settings included)."""
         for start in range(0, self.n_samples, batch_size):
-            yield {k: v[start:start + batch_size] for k, v in self.arrays.items()}
+            yield self.take(slice(start, start + batch_size)).feed()
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -159,19 +208,28 @@ def _reader_feeds(reader: Any) -> Iterator[Mapping[str, Any]]:
         yield feed
 
 
-def _concat(collected: dict[str, list[np.ndarray]], source: str) -> dict[str, np.ndarray]:
+def _concat(collected: dict[str, list[np.ndarray]], source: str, layout: BatchLayout) -> dict[str, np.ndarray]:
     arrays = {}
     for name, parts in collected.items():
+        axis = layout.inputs.get(name, 0)
+        if axis is None:  # a setting: one value, the same in every batch
+            if any(p.shape != parts[0].shape or not np.array_equal(p, parts[0]) for p in parts):
+                raise CalibrationError(
+                    f"{source}: input {name!r} is a setting (a scalar) but the batches give it different "
+                    "values; calibrate with one value"
+                )
+            arrays[name] = parts[0]
+            continue
         ranks = {p.ndim for p in parts}
-        if len(ranks) > 1 or 0 in ranks:
+        if len(ranks) > 1 or 0 in ranks or min(ranks) <= axis:
             raise CalibrationError(
                 f"{source}: batches of input {name!r} differ in rank or are scalars; "
-                "give each batch the shape [batch, ...]"
+                f"give each batch the shape the model takes, samples on axis {axis}"
             )
         try:
-            arrays[name] = np.concatenate(parts, axis=0)
+            arrays[name] = np.concatenate(parts, axis=axis)
         except ValueError:
-            shapes = sorted({p.shape[1:] for p in parts})
+            shapes = sorted({p.shape[:axis] + p.shape[axis + 1:] for p in parts})
             raise CalibrationError(
                 f"{source}: batches of input {name!r} have different sample shapes {shapes}; "
                 "make them equal"
@@ -179,7 +237,7 @@ def _concat(collected: dict[str, list[np.ndarray]], source: str) -> dict[str, np
     return arrays
 
 
-def _raw_arrays(source: Any, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], str]:
+def _raw_arrays(source: Any, specs: list[InputSpec], layout: BatchLayout) -> tuple[dict[str, np.ndarray], str]:
     from .images import ImageFolder, load_image_folder
 
     if isinstance(source, (str, Path)) and Path(source).is_dir():
@@ -212,17 +270,20 @@ def _raw_arrays(source: Any, specs: list[InputSpec]) -> tuple[dict[str, np.ndarr
         return {k: np.asarray(v) for k, v in source.items()}, "calibration dict"
     if hasattr(source, "get_next"):
         name = type(source).__name__
-        return _concat(_from_feeds(_reader_feeds(source), name), name), name
+        return _concat(_from_feeds(_reader_feeds(source), name), name, layout), name
     if isinstance(source, Iterable):
-        return _concat(_from_feeds(source, "calibration data"), "calibration data"), "calibration data"
+        return _concat(_from_feeds(source, "calibration data"), "calibration data", layout), "calibration data"
     raise CalibrationError(
         f"calibration data of type {type(source).__name__} is not understood; pass a .npz/.npy path, "
         "an iterable of feed dicts or a CalibrationDataReader"
     )
 
 
-def validate(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str) -> None:
-    """Check names, dtypes, shapes and values against the graph's inputs."""
+def validate(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str,
+             layout: BatchLayout | None = None) -> None:
+    """Check names, dtypes, shapes and values against the graph's inputs; the arrays are as
+    the graph takes them, samples on each input's batch axis (``layout``)."""
+    layout = layout or BatchLayout()
     expected = {s.name: s for s in specs}
     listing = "; ".join(s.describe() for s in specs)
     unknown = sorted(set(arrays) - set(expected))
@@ -245,25 +306,33 @@ def validate(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str)
                 f"{source}: input {name!r} is {array.dtype} but the model expects {spec.dtype}; "
                 f"convert it with .astype({str(spec.dtype)!r})"
             )
-        if spec.dims is not None:
+        sample_axis = layout.inputs.get(name, 0)
+        if sample_axis is None:  # a setting: one value for every sample
+            if array.ndim != 0:
+                raise CalibrationError(
+                    f"{source}: input {name!r} is a setting the model takes as a scalar (one value for every "
+                    f"sample) but the data gives shape {list(array.shape)}; give one value, a 0-d array"
+                )
+        elif spec.dims is not None:
+            where = "the first axis is" if sample_axis == 0 else f"axis {sample_axis} is"
             if array.ndim != len(spec.dims):
                 raise CalibrationError(
                     f"{source}: input {name!r} has shape {list(array.shape)} but the model expects "
-                    f"{spec.describe()} (rank {len(spec.dims)}); the first axis is the sample axis"
+                    f"{spec.describe()} (rank {len(spec.dims)}); {where} the sample axis"
                 )
             for axis, (want, got) in enumerate(zip(spec.dims, array.shape)):
-                if axis > 0 and isinstance(want, int) and want != got:
+                if axis != sample_axis and isinstance(want, int) and want != got:
                     raise CalibrationError(
                         f"{source}: input {name!r} has shape {list(array.shape)} but the model expects "
                         f"{spec.describe()} (axis {axis} must be {want})"
                     )
-            batch = spec.static_batch
-            if batch and array.shape[0] % batch:
+            batch = spec.dims[sample_axis] if isinstance(spec.dims[sample_axis], int) else None
+            if batch and array.shape[sample_axis] % batch:
                 raise CalibrationError(
-                    f"{source}: input {name!r} has {array.shape[0]} samples but the model's batch is fixed "
-                    f"at {batch}; give a multiple of {batch}"
+                    f"{source}: input {name!r} has {array.shape[sample_axis]} samples but the model's batch is "
+                    f"fixed at {batch}; give a multiple of {batch}"
                 )
-        if array.ndim == 0 or array.shape[0] == 0:
+        if sample_axis is not None and (array.ndim <= sample_axis or array.shape[sample_axis] == 0):
             raise CalibrationError(f"{source}: input {name!r} has no samples; give at least one")
         if np.issubdtype(array.dtype, np.floating) or array.dtype.kind == "V":
             bad = np.count_nonzero(~np.isfinite(array.astype(np.float32)))
@@ -271,7 +340,10 @@ def validate(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str)
                 raise CalibrationError(
                     f"{source}: input {name!r} has {bad} NaN or infinite values; clean the data first"
                 )
-        counts[name] = array.shape[0]
+        if sample_axis is not None:
+            counts[name] = array.shape[sample_axis]
+    if not counts:
+        raise CalibrationError(f"{source}: every input is a setting; the model needs at least one batched input")
     if len(set(counts.values())) > 1:
         per_input = ", ".join(f"{k!r}: {v}" for k, v in sorted(counts.items()))
         raise CalibrationError(
@@ -280,19 +352,28 @@ def validate(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str)
 
 
 def generate(specs: list[InputSpec], n_samples: int = 8, seed: int = 0,
-             shapes: Mapping[str, tuple[int, ...]] | None = None) -> CalibrationSet:
+             shapes: Mapping[str, tuple[int, ...]] | None = None,
+             layout: BatchLayout | None = None) -> CalibrationSet:
     """Random inputs from the graph's declared shapes, for verification when no data is given.
 
-    Dynamic dims take their value from ``shapes`` (per input, full shape including batch)
-    or DEFAULT_DYNAMIC_DIM. Float inputs are standard normal, integer inputs zero.
+    Dynamic dims take their value from ``shapes`` (per input, full shape as the graph takes
+    it) or DEFAULT_DYNAMIC_DIM. Float inputs are standard normal, integer inputs zero. A
+    setting (a scalar input) cannot be made up: it is refused with what to give instead.
     """
+    layout = layout or infer_layout(specs)
     rng = np.random.default_rng(seed)
     arrays = {}
-    # Inputs with a dynamic first axis follow the fixed one: a stateful export declares
+    settings = [spec.name for spec in specs if layout.inputs.get(spec.name, 0) is None]
+    if settings:
+        raise CalibrationError(
+            f"input {settings[0]!r} is a setting the model takes as a scalar (a sample rate, say), and random "
+            "inputs cannot choose its value; give calibration data with its value as a 0-d array "
+            "(numpy.savez(..., NAME=numpy.array(VALUE)))")
+    # Inputs with a dynamic batch axis follow the fixed one: a stateful export declares
     # [1, 1, H] for its state beside [batch, T] for its signal (silero-vad).
-    batches = {spec.static_batch for spec in specs if spec.static_batch}
-    fixed = batches.pop() if len(batches) == 1 else None
+    fixed = static_batch_of(specs, layout)
     for spec in specs:
+        axis = layout.inputs.get(spec.name, 0)
         if shapes and spec.name in shapes:
             shape = tuple(shapes[spec.name])
         elif spec.dims is None:
@@ -300,30 +381,38 @@ def generate(specs: list[InputSpec], n_samples: int = 8, seed: int = 0,
                 f"input {spec.name!r} has no declared shape; give calibration data with --calib"
             )
         else:
-            batch = spec.static_batch or n_samples
+            declared = spec.dims[axis]
+            batch = declared if isinstance(declared, int) else n_samples
             if fixed:  # a graph with one fixed batch B for every input takes any multiple of B samples
                 batch = -(-n_samples // fixed) * fixed
-            shape = (batch,) + tuple(d if isinstance(d, int) else DEFAULT_DYNAMIC_DIM for d in spec.dims[1:])
+            shape = tuple(batch if i == axis else d if isinstance(d, int) else DEFAULT_DYNAMIC_DIM
+                          for i, d in enumerate(spec.dims))
         if np.issubdtype(spec.dtype, np.floating):
-            arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            array = rng.standard_normal(shape).astype(spec.dtype)
         else:
-            arrays[spec.name] = np.zeros(shape, dtype=spec.dtype)
-    return CalibrationSet(arrays, "generated", generated=True)
+            array = np.zeros(shape, dtype=spec.dtype)
+        arrays[spec.name] = np.moveaxis(array, axis, 0) if axis else array
+    return CalibrationSet(arrays, "generated", generated=True, layout=layout)
 
 
-def load_calibration(source: Any, model: onnx.ModelProto) -> CalibrationSet:
-    """Read and validate calibration data from any accepted source (see module docstring)."""
+def load_calibration(source: Any, model: onnx.ModelProto, layout: BatchLayout | None = None) -> CalibrationSet:
+    """Read and validate calibration data from any accepted source (see module docstring);
+    the data is as the graph takes it (``layout``: where each input keeps its samples)."""
     specs = graph_inputs(model)
+    layout = layout or infer_layout(specs)
     if source is None:
-        return generate(specs)
+        return generate(specs, layout=layout)
     if isinstance(source, CalibrationSet):
-        validate(source.arrays, specs, source.source)
+        validate(source.feed(), specs, source.source, source.layout)
         return source
-    arrays, name = _raw_arrays(source, specs)
+    arrays, name = _raw_arrays(source, specs, layout)
     if not arrays:
         raise CalibrationError(f"{name}: holds no arrays; give one array per model input")
-    validate(arrays, specs, name)
-    return CalibrationSet(arrays, name)
+    validate(arrays, specs, name, layout)
+    settings = {k: v for k, v in arrays.items() if layout.inputs.get(k, 0) is None}
+    batched = {k: (np.moveaxis(v, layout.inputs.get(k, 0), 0) if layout.inputs.get(k, 0) else v)
+               for k, v in arrays.items() if k not in settings}
+    return CalibrationSet(batched, name, layout=layout, settings=settings)
 
 
 HOLDOUT_MIN = 4
@@ -349,26 +438,85 @@ def split_holdout(calibration: CalibrationSet, fraction: float, seed: int,
     return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
 
 
-def batch_axis_conflict(specs: list[InputSpec]) -> str | None:
-    """Why the inputs cannot be batched along their first axis, or None when they can.
+def infer_layout(specs: list[InputSpec], batch_axes: Mapping[str, int] | None = None) -> BatchLayout:
+    """Where each input keeps its samples (see the module docstring): ``batch_axes`` where
+    given, a scalar input is a setting, and an input whose first axis the graph fixes at a
+    size the others do not share keeps them where the others' batch is named, or on its one
+    dynamic axis (a state [2, batch, 128]); where every first axis is fixed, on its axis of
+    the size every input has (the batch of a fixed-batch streaming export). Raises
+    UnsupportedModelError, naming the input and the option, where the graph does not say."""
+    from .errors import OptionError
 
-    Every reader here takes the first axis of every input as the sample (batch) axis. A scalar
-    input has none, and inputs that fix different sizes there (a streaming export's state
-    [2, 1, 128] beside its signal [1, 576]) have no common one."""
-    scalars = [s.name for s in specs if s.dims is not None and len(s.dims) == 0]
-    if scalars:
-        return (f"input {scalars[0]!r} is a scalar, so it has no batch axis to stack calibration samples on; "
-                "fold it into the graph as a constant (it is usually a setting such as a sample rate) "
-                "and give the model again")
-    fixed = {s.name: s.static_batch for s in specs if s.static_batch}
-    if len(set(fixed.values())) > 1:
-        listing = ", ".join(f"{name!r} {size}" for name, size in fixed.items())
-        return (f"the inputs fix different sizes on their first axis ({listing}); fcpts-onnx reads the first "
-                "axis of every input as the batch axis: re-export with one shared (or dynamic) batch axis first")
-    return None
+    batch_axes = dict(batch_axes or {})
+    by_name = {s.name: s for s in specs}
+    unknown = sorted(set(batch_axes) - set(by_name))
+    if unknown:
+        raise OptionError(f"--batch-axis names {', '.join(map(repr, unknown))}, not among the model's inputs "
+                          f"({'; '.join(s.describe() for s in specs)})")
+    axes: dict[str, int | None] = {}
+    for name, axis in batch_axes.items():
+        dims = by_name[name].dims
+        if dims is not None and not 0 <= axis < len(dims):
+            raise OptionError(f"--batch-axis {name}={axis}: input {name!r} has {len(dims)} axes "
+                              f"({by_name[name].describe()}); give one from 0 to {len(dims) - 1}")
+        axes[name] = int(axis)
+    for spec in specs:
+        if spec.name not in axes and spec.dims is not None and len(spec.dims) == 0:
+            axes[spec.name] = None  # a setting
+    rest = [s for s in specs if s.name not in axes and s.dims]
+    fixed_first = [s for s in rest if isinstance(s.dims[0], int)]
+    dynamic_first = [s for s in rest if not isinstance(s.dims[0], int)]
+    sizes = {s.dims[0] for s in fixed_first}
+    batch_names = {s.dims[0] for s in dynamic_first if isinstance(s.dims[0], str)}
+    moved: dict[str, int] = {}
+    refuse = None
+    if fixed_first and dynamic_first:
+        ambiguous, stuck = [], []
+        for s in fixed_first:
+            named = [i for i, d in enumerate(s.dims) if isinstance(d, str) and d in batch_names]
+            dynamic = [i for i, d in enumerate(s.dims) if not isinstance(d, int)]
+            if len(named) == 1:
+                moved[s.name] = named[0]
+            elif not batch_names and len(dynamic) == 1:  # nothing named (spox writes no names): its one dynamic axis
+                moved[s.name] = dynamic[0]
+            elif not batch_names and dynamic:
+                ambiguous.append(s)
+            else:  # no axis the batch could be on
+                stuck.append(s)
+        if ambiguous:
+            refuse = ambiguous[0]
+        elif stuck and len(sizes) == 1:
+            # a state fixed at [1, 1, H] beside a dynamic signal: the graph runs at that one batch
+            moved = {}
+        elif stuck:
+            refuse = stuck[0]
+    elif len(sizes) > 1:  # every first axis fixed, at different sizes: the batch is the size all have
+        common = [b for b in sorted(sizes) if all(b in s.dims for s in fixed_first)]
+        if len(common) == 1:
+            moved = {s.name: list(s.dims).index(common[0]) for s in fixed_first if s.dims[0] != common[0]}
+        else:
+            refuse = next(s for s in fixed_first if s.dims[0] != min(sizes))
+    if refuse is not None:
+        listing = "; ".join(s.describe() for s in rest)
+        raise UnsupportedModelError(
+            f"cannot tell which axis of input {refuse.name!r} holds the samples: the graph fixes its first axis "
+            f"at {refuse.dims[0]} and the inputs do not agree on a batch axis ({listing}); say where with "
+            f"--batch-axis {refuse.name}=AXIS (the axis that grows with the number of samples)")
+    axes.update({k: v for k, v in moved.items() if v})
+    return BatchLayout(inputs={k: v for k, v in axes.items() if v != 0})
 
 
-def static_batch(model: onnx.ModelProto) -> int | None:
-    """The graph's fixed batch size, when its inputs declare one."""
-    sizes = {s.static_batch for s in graph_inputs(model) if s.static_batch}
+def static_batch_of(specs: list[InputSpec], layout: BatchLayout) -> int | None:
+    """The batch size the graph fixes on its inputs' batch axes, if it fixes one."""
+    sizes = set()
+    for spec in specs:
+        axis = layout.inputs.get(spec.name, 0)
+        if axis is not None and spec.dims and isinstance(spec.dims[axis], int):
+            sizes.add(spec.dims[axis])
     return max(sizes) if sizes else None
+
+
+def static_batch(model: onnx.ModelProto, layout: BatchLayout | None = None) -> int | None:
+    """The graph's fixed batch size, when its inputs declare one on their batch axes."""
+    specs = graph_inputs(model)
+    return static_batch_of(specs, layout if layout is not None else infer_layout(specs))

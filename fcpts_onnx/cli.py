@@ -42,6 +42,16 @@ def _shape(text: str) -> tuple[str, tuple[int, ...]]:
         raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,... (e.g. input=1,3,224,224), got {text!r}") from None
 
 
+def _batch_axis(text: str) -> tuple[str, int]:
+    name, sep, axis = text.rpartition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, int(axis)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=AXIS (e.g. state=1), got {text!r}") from None
+
+
 def _hw(text: str) -> tuple[int, int]:
     try:
         parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
@@ -156,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "whose declared shapes need more are refused (default: 80%% of free memory)")
     opt.add_argument("--shape", type=_shape, action="append", default=[], metavar="NAME=DIMS",
                      help="full shape of a generated input with dynamic dims, e.g. input=8,3,224,224")
+    opt.add_argument("--batch-axis", type=_batch_axis, action="append", default=[], metavar="NAME=AXIS",
+                     help="the axis of input NAME that holds the samples, where the graph does not say "
+                          "(a streaming state [2, batch, 128]: state=1); calibration data for it is given "
+                          "that way too")
     ext = opt.add_mutually_exclusive_group()
     ext.add_argument("--external-data", dest="external_data", action="store_true", default=None,
                      help="store tensors in OUTPUT.data (default: as the input does)")
@@ -190,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--device", default="cpu", help="with --parity: cpu or cuda (default cpu)")
     ins.add_argument("--shape", type=_shape, action="append", default=[], metavar="NAME=DIMS",
                      help="pin a dynamic input's shape to count MACs, e.g. x=1,3,224,224")
+    ins.add_argument("--batch-axis", type=_batch_axis, action="append", default=[], metavar="NAME=AXIS",
+                     help="with --parity: as in optimize")
     return parser
 
 
@@ -208,6 +224,7 @@ def _optimize(args: argparse.Namespace) -> int:
         op_types=args.op_types, max_layer_sparsity=args.max_layer_sparsity,
         external_data=args.external_data, reconstruct=args.reconstruct, holdout=args.holdout,
         device=args.device, learn=learn, store=args.store, max_memory=args.max_memory,
+        batch_axes=dict(args.batch_axis),
     )
     report_path = False if args.no_report else args.report
     calib = args.calib
@@ -246,7 +263,8 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.parity:
         from .inspection import format_parity, inspect_parity
 
-        info = inspect_parity(args.model, args.calib, device=args.device, input_shapes=dict(args.shape) or None)
+        info = inspect_parity(args.model, args.calib, device=args.device, input_shapes=dict(args.shape) or None,
+                              batch_axes=dict(args.batch_axis))
         print(json.dumps(info, indent=2) if args.json else format_parity(info))
         return 0 if info["parity"]["passed"] else 1
     if args.calib:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from .errors import OptionError
@@ -43,6 +44,8 @@ class SparsifyOptions:
         max_memory: bytes (or text such as "8G") the run may use for one onnxruntime batch's
             largest tensor and for a learning step (activations, gradients, optimizer state);
             the learner's batch shrinks to fit. None: 80% of the memory available at start.
+        batch_axes: input name -> the axis that holds its samples, for inputs whose batch is not
+            on their first axis and where the graph does not say (calibration.infer_layout).
     """
 
     sparsity: float = 0.8
@@ -58,6 +61,7 @@ class SparsifyOptions:
     learn: LearnOptions = field(default_factory=LearnOptions)
     store: str = "dense"
     max_memory: int | str | None = None
+    batch_axes: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         s = self.sparsity
@@ -83,6 +87,7 @@ class SparsifyOptions:
             raise OptionError(f"--store must be one of {', '.join(STORE_FORMS)} (got {self.store!r})")
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device):
             raise OptionError(f"--device must be cpu, cuda or cuda:N (got {self.device!r})")
+        object.__setattr__(self, "batch_axes", dict(self.batch_axes or {}))
         if not isinstance(self.holdout, (int, float)) or not 0 < self.holdout < 1:
             raise OptionError(f"--holdout must be a fraction in (0, 1) (got {self.holdout!r}); default 0.1")
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from .calibration import batch_axis_conflict, generate, graph_inputs
+from .calibration import generate, graph_inputs
 from .discovery import assign_macs, discover
-from .errors import UnsupportedModelError
+from .errors import FcptsError
 from .masks import count_zeros
 from .onnx_io import load_model
 from .report import _fmt_count, _short, format_layer_table, layer_label
@@ -30,8 +30,11 @@ def inspect_model(model_path: str | Path, *, nodes_to_exclude: tuple[str, ...] =
     found = discover(model, exclude=nodes_to_exclude, op_types=op_types, external=loaded.external_tensors)
     if input_shapes:
         specs = graph_inputs(model)
-        feed = generate(specs, shapes={s.name: (1, *input_shapes[s.name][1:]) for s in specs
-                                       if s.name in input_shapes}).take(slice(0, 1)).arrays
+        try:
+            feed = generate(specs, shapes={s.name: (1, *input_shapes[s.name][1:]) for s in specs
+                                           if s.name in input_shapes}).take(slice(0, 1)).feed()
+        except FcptsError:  # a setting input, or no telling where the samples are: no measured shapes
+            feed = None
         assign_macs(model, found.weights, input_shapes, feed=feed)
     elif found.weights:
         # Shape inference stops at contrib ops such as onnxruntime's FusedConv, and at a Reshape
@@ -41,8 +44,12 @@ def inspect_model(model_path: str | Path, *, nodes_to_exclude: tuple[str, ...] =
         specs = graph_inputs(model)
         if all(s.dims is not None and all(isinstance(d, int) for d in s.dims[1:]) for s in specs):
             shapes = {s.name: (s.dims[0] if isinstance(s.dims[0], int) else 1, *s.dims[1:]) for s in specs if s.dims}
-            feed = generate(specs, n_samples=1, shapes=shapes).arrays
-            assign_macs(model, found.weights, {k: v.shape for k, v in feed.items()}, feed=feed)
+            try:
+                feed = generate(specs, n_samples=1, shapes=shapes).feed()
+            except FcptsError:  # a setting input, or no telling where the samples are: MACs stay unknown
+                feed = None
+            if feed is not None:
+                assign_macs(model, found.weights, {k: v.shape for k, v in feed.items()}, feed=feed)
     layers = []
     for w in found.weights:
         values = w.values(model)
@@ -125,21 +132,21 @@ def format_inspection(info: dict[str, Any]) -> str:
 
 
 def inspect_parity(model_path: str | Path, calibration_data: Any = None, *, device: str = "cpu",
-                   input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
+                   input_shapes: Mapping[str, Sequence[int]] | None = None,
+                   batch_axes: Mapping[str, int] | None = None) -> dict[str, Any]:
     """Build the trainable form and compare it with onnxruntime on a calibration batch."""
+    from .api import batch_layout
     from .calibration import load_calibration
     from .trainable import convert_and_check, parameter_table
 
     loaded = load_model(model_path)
     found = discover(loaded.model, external=loaded.external_tensors)
-    # the check batches samples on every input's first axis, as optimize does: the same refusal
-    conflict = batch_axis_conflict(graph_inputs(loaded.model))
-    if conflict:
-        raise UnsupportedModelError(f"{loaded.path}: {conflict}")
+    # the check batches samples on each input's batch axis as optimize does: the same refusals
+    layout = batch_layout(loaded, batch_axes)
     if calibration_data is None:
-        calibration = generate(graph_inputs(loaded.model), shapes=input_shapes)
+        calibration = generate(graph_inputs(loaded.model), shapes=input_shapes, layout=layout)
     else:
-        calibration = load_calibration(calibration_data, loaded.model)
+        calibration = load_calibration(calibration_data, loaded.model, layout)
     trainable = convert_and_check(loaded, found, calibration, device=device)
     params = parameter_table(trainable.module)
     return {

@@ -6,8 +6,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
-
 from .calibration import CalibrationSet, static_batch
 from .discovery import Discovery
 from .errors import OptionError, UnsupportedModelError
@@ -96,11 +94,11 @@ def convert_and_check(loaded: LoadedModel, found: Discovery, calibration: Calibr
     module = OnnxModule(loaded.model, prunable=found.weights).to(device)
     module.eval()
     # a graph exported with a fixed batch runs only at that batch
-    batch = calibration.take(slice(0, static_batch(loaded.model) or parity_samples)).arrays
+    batch = calibration.take(slice(0, static_batch(loaded.model, calibration.layout) or parity_samples)).feed()
+    module.set_batch_layout(calibration.layout, calibration.settings)
     try:
         with full_float32():
-            parity = check_parity(loaded.model, module, {k: np.ascontiguousarray(v) for k, v in batch.items()},
-                                  device=device)
+            parity = check_parity(loaded.model, module, batch, device=device)
     except NodeExecutionError as exc:
         raise UnsupportedModelError(
             f"the trainable form cannot run this model: {exc}; use a data-free method without "

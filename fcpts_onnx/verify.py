@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
-from .calibration import CalibrationSet
+from .calibration import BatchLayout, CalibrationSet
 from .discovery import PrunableWeight
 from .errors import UnsupportedModelError, VerificationError
 from .sparse_storage import stored_values
@@ -52,12 +52,16 @@ def make_session(path: str | os.PathLike, *, what: str, threads: int | None = No
 
 def run_onnxruntime(path: str | os.PathLike, calibration: CalibrationSet, batch_size: int,
                     *, what: str, run_hint: str = "") -> dict[str, np.ndarray]:
-    """All outputs of the model on every calibration sample, concatenated along axis 0.
+    """All outputs of the model on every calibration sample, samples first (each output
+    concatenated along the axis that holds its samples: ``calibration.layout``).
 
     ``run_hint`` ends the error when the model loads but fails on these inputs."""
     session = make_session(path, what=what)
     names = [o.name for o in session.get_outputs()]
-    static = [i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int)]
+    layout = calibration.layout
+    static = [i.shape[axis] for i in session.get_inputs()
+              if (axis := layout.inputs.get(i.name, 0)) is not None and len(i.shape) > axis
+              and isinstance(i.shape[axis], int)]
     step = static[0] if static else batch_size
     collected: dict[str, list[np.ndarray]] = {n: [] for n in names}
     import onnxruntime as ort
@@ -72,8 +76,47 @@ def run_onnxruntime(path: str | os.PathLike, calibration: CalibrationSet, batch_
             raise error(f"onnxruntime failed to run the {what} on the calibration inputs: {_first_line(exc)}"
                         f"{run_hint}") from None
         for name, value in zip(names, outputs):
-            collected[name].append(np.asarray(value))
+            collected[name].append(layout.output_first(name, np.asarray(value)))
     return {n: np.concatenate(v, axis=0) if v[0].ndim else v[-1] for n, v in collected.items()}
+
+
+def output_batch_axes(path: str | os.PathLike, calibration: CalibrationSet, fixed_batch: int | None) -> BatchLayout:
+    """``calibration.layout`` with each output's sample axis, for graphs whose inputs do not all
+    keep their samples first: the axis that grows from one batch to two, measured by
+    onnxruntime (a graph fixed at batch B: the output's axis of size B, read on one batch)."""
+    session = make_session(path, what="input model")
+    names = [o.name for o in session.get_outputs()]
+    one = fixed_batch or 1
+    runs = []
+    for n in ((one, 2 * one) if not fixed_batch and calibration.n_samples >= 2 else (one,)):
+        try:
+            runs.append([np.shape(v) for v in session.run(names, calibration.take(slice(0, n)).feed())])
+        except Exception as exc:
+            raise UnsupportedModelError(
+                f"onnxruntime failed to run the input model on {n} calibration sample(s): {_first_line(exc)}"
+            ) from None
+    axes = {}
+    for k, name in enumerate(names):
+        if not runs[0][k]:
+            continue  # a scalar: not per sample (run_onnxruntime keeps the last batch's)
+        if len(runs) == 2:
+            grew = [a for a, (x, y) in enumerate(zip(runs[0][k], runs[1][k])) if x != y]
+            if len(grew) != 1 or runs[1][k][grew[0]] != 2 * runs[0][k][grew[0]]:
+                raise UnsupportedModelError(
+                    f"output {name!r} has shape {list(runs[0][k])} for one sample and {list(runs[1][k])} for two: no "
+                    "one axis holds its samples, so its fidelity cannot be measured per sample; export it with a "
+                    "batch axis")
+            axis = grew[0]
+        else:  # one batch of the fixed size: its axis of that size (any axis of size 1 serves batch 1)
+            sized = [a for a, d in enumerate(runs[0][k]) if d == one]
+            if not sized:
+                raise UnsupportedModelError(
+                    f"output {name!r} has shape {list(runs[0][k])} at the graph's fixed batch {one}: no axis holds "
+                    "its samples; export it with a batch axis")
+            axis = sized[0]
+        if axis:
+            axes[name] = axis
+    return BatchLayout(inputs=calibration.layout.inputs, outputs=axes)
 
 
 def count_zeros_in_file(path: str | os.PathLike, weights: list[PrunableWeight]) -> dict[str, tuple[int, int]]:

@@ -12,9 +12,9 @@ from onnx import TensorProto, helper
 from fcpts_onnx.calibration import (
     DEFAULT_DYNAMIC_DIM,
     CalibrationSet,
-    batch_axis_conflict,
     generate,
     graph_inputs,
+    infer_layout,
     load_calibration,
 )
 from fcpts_onnx.errors import CalibrationError, FcptsError
@@ -336,19 +336,17 @@ def test_generate_follows_a_fixed_batch_of_one():
     assert calib.take(np.array([1, 5])).arrays["h"].shape == (2, 1, 128)
 
 
-@pytest.mark.parametrize("inputs, needles", [
-    ((("x", TensorProto.FLOAT, [1, 576]), ("state", TensorProto.FLOAT, [2, 1, 128])),
-     ("'x' 1", "'state' 2", "batch axis")),
-    ((("x", TensorProto.FLOAT, ["N", 576]), ("sr", TensorProto.INT64, [])),
-     ("'sr' is a scalar", "constant")),
+@pytest.mark.parametrize("inputs, layout", [
+    # were refused before the layouts: now the state keeps its samples on axis 1, the rate is a setting
+    ((("x", TensorProto.FLOAT, [1, 576]), ("state", TensorProto.FLOAT, [2, 1, 128])), {"state": 1}),
+    ((("x", TensorProto.FLOAT, ["N", 576]), ("sr", TensorProto.INT64, [])), {"sr": None}),
 ])
-def test_batch_axis_conflicts(inputs, needles):
-    problem = batch_axis_conflict(graph_inputs(model_with_inputs(*inputs)))
-    assert problem is not None and all(n in problem for n in needles), problem
-    assert batch_axis_conflict(graph_inputs(TWO)) is None
-    assert batch_axis_conflict(graph_inputs(STATIC_BATCH)) is None
-    assert batch_axis_conflict(graph_inputs(model_with_inputs(
-        ("x", TensorProto.FLOAT, ["N", 3]), ("h", TensorProto.FLOAT, [1, 1, 4])))) is None
+def test_layouts_of_streaming_inputs(inputs, layout):
+    assert dict(infer_layout(graph_inputs(model_with_inputs(*inputs))).inputs) == layout
+    assert infer_layout(graph_inputs(TWO)).trivial
+    assert infer_layout(graph_inputs(STATIC_BATCH)).trivial
+    assert infer_layout(graph_inputs(model_with_inputs(
+        ("x", TensorProto.FLOAT, ["N", 3]), ("h", TensorProto.FLOAT, [1, 1, 4])))).trivial
 
 
 def test_generate_shape_overrides():

@@ -138,24 +138,34 @@ def test_nothing_prunable(tmp_path, out_dir, capfd):
     assert_refused(optimize(model, out_dir), capfd, tmp_path, "nothing to prune")
 
 
-@pytest.mark.parametrize("second, needles", [
-    (("state", [2, 1, 5]), ("first axis", "'state' 2", "re-export")),  # a streaming export's state
-    (("sr", []), ("'sr' is a scalar", "constant")),  # a sample rate fed as an input
-])
-def test_inputs_without_a_common_batch_axis(tmp_path, out_dir, capfd, second, needles):
-    name, dims = second
+def _with_second_input(tmp_path, name: str, dims: list) -> Path:
     graph = matmul_conv_graph()
     graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # x [1, 3, 6, 6]
     graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
     graph.output.append(helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, dims))
     graph.node.append(helper.make_node("Identity", [name], [f"{name}_out"]))
-    model = save_model(graph, tmp_path / "stateful.onnx")
+    return save_model(graph, tmp_path / "stateful.onnx")
+
+
+def test_a_setting_input_cannot_be_made_up(tmp_path, out_dir, capfd):
+    model = _with_second_input(tmp_path, "sr", [])  # a sample rate fed as an input
     for method in ("fcpts", "lamp"):
         assert_refused(optimize(model, out_dir, "--calib", "random", "--method", method), capfd, tmp_path,
-                       "stateful.onnx", *needles)
+                       "'sr' is a setting", "0-d array")
     # the parity check batches the same way: the same line, not onnxruntime's complaint about a
     # vector fed where the graph declares a scalar
-    assert_refused(["inspect", model, "--parity"], capfd, tmp_path, "stateful.onnx", *needles)
+    assert_refused(["inspect", model, "--parity"], capfd, tmp_path, "'sr' is a setting", "0-d array")
+
+
+def test_a_state_whose_samples_are_not_first_is_ambiguous_without_batch_axis(tmp_path, out_dir, capfd):
+    model = _with_second_input(tmp_path, "state", [2, None, None])  # x's batch is fixed at 1: which axis?
+    assert_refused(optimize(model, out_dir, "--calib", "random"), capfd, tmp_path,
+                   "stateful.onnx", "'state'", "--batch-axis state=AXIS")
+    assert_refused(["inspect", model, "--parity"], capfd, tmp_path, "--batch-axis state=AXIS")
+    assert_refused(optimize(model, out_dir, "--calib", "random", "--batch-axis", "state=3"), capfd, tmp_path,
+                   "--batch-axis state=3", "has 3 axes")
+    assert_refused(optimize(model, out_dir, "--calib", "random", "--batch-axis", "state"), capfd, tmp_path,
+                   "NAME=AXIS", argparse_error=True)
 
 
 def test_matmul_of_two_activations_is_nothing_prunable(tmp_path, out_dir, capfd):

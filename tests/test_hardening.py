@@ -240,7 +240,7 @@ def test_memory_estimate_counts_activations_per_sample():
             super().__init__()
             self.fc = torch.nn.Linear(32, width)
 
-        def run(self, feed):
+        def run(self, feed, batch_first=False):
             return {"y": torch.relu(self.fc(feed["x"])) * 2}
 
     x = torch.randn(8, 32)
@@ -419,7 +419,7 @@ def test_memory_plan_runs_a_fixed_batch_graph_only_at_its_batch():
             super().__init__()
             self.fc = torch.nn.Linear(12, 4)
 
-        def run(self, feed):
+        def run(self, feed, batch_first=False):
             return {"y": self.fc(feed["x"].reshape(2, 12))}  # fails for any batch but 2
 
     plan = plan_batch(FixedBatch(), {"x": torch.randn(6, 3, 4)}, 64, 2**40, fixed_batch=2)

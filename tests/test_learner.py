@@ -453,10 +453,10 @@ def test_start_choice_also_judges_on_the_learning_samples_no_trial_learned_from(
     learned_from = []
     run = module.run
 
-    def recording(batch):
+    def recording(batch, **options):
         if torch.is_grad_enabled():  # a learning step, not an evaluation
             learned_from.append(batch["x"].clone())
-        return run(batch)
+        return run(batch, **options)
 
     module.run = recording
     learner.fit()
@@ -1018,10 +1018,10 @@ def test_a_run_sized_by_time_learns_on_the_largest_batch_that_fits_the_default_s
     learned_on: list[int] = []
     run = learner.module.run
 
-    def recording(batch):
+    def recording(batch, **options):
         if torch.is_grad_enabled():
             learned_on.append(next(iter(batch.values())).shape[0])
-        return run(batch)
+        return run(batch, **options)
 
     learner.module.run = recording
     result = learner.fit()

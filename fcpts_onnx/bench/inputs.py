@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..calibration import CalibrationSet, InputSpec, generate, graph_inputs, load_calibration
+from ..calibration import (
+    CalibrationSet,
+    InputSpec,
+    generate,
+    graph_inputs,
+    infer_layout,
+    load_calibration,
+    static_batch,
+)
 from ..errors import FcptsError
 from .errors import BenchError
 
@@ -38,6 +46,14 @@ class InputSource:
         if calib is not None:
             self.calibration = load_calibration(calib, model)
         else:
+            try:
+                layout = infer_layout(self.specs)
+            except FcptsError as exc:
+                raise BenchError(str(exc)) from None
+            if not layout.trivial:
+                where = ", ".join(f"{k!r} ({'a setting' if v is None else f'axis {v}'})" for k, v in layout.inputs.items())
+                raise BenchError(f"inputs {where} do not keep their samples on the first axis, and generated inputs "
+                                 "would; give --calib data as the model takes it")
             for spec in self.specs:
                 self._generated_shape(spec, 1)  # fail now, before any timing, if a dim is unknown
 
@@ -69,7 +85,7 @@ class InputSource:
         if self.calibration is not None:
             n = self.calibration.n_samples
             index = np.arange(batch) % n  # repeat when the file holds fewer samples, cut when more
-            return {k: np.ascontiguousarray(v[index]) for k, v in self.calibration.arrays.items()}
+            return self.calibration.take(index).feed()  # as the graph takes them, settings included
         shapes = {s.name: self._generated_shape(s, batch) for s in self.specs}
         try:
             return generate(self.specs, seed=self.seed, shapes=shapes).arrays
@@ -95,9 +111,11 @@ class InputSource:
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size the graph's inputs fix, if any."""
-    sizes = {s.static_batch for s in graph_inputs(model) if s.static_batch}
-    return max(sizes) if sizes else None
+    """The batch size the graph's inputs fix on their batch axes, if any."""
+    try:
+        return static_batch(model)
+    except FcptsError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def batch_free_copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -586,7 +586,7 @@ class Learner:
         n = next(iter(data.values())).shape[0]
         for start in range(0, n, self.eval_batch):
             batch = {k: v[start:start + self.eval_batch] for k, v in data.items()}
-            for name, value in self.module.run(batch).items():
+            for name, value in self.module.run(batch, batch_first=True).items():
                 outputs.setdefault(name, []).append(value.detach())
         return {k: torch.cat(v) for k, v in outputs.items()}
 
@@ -681,7 +681,7 @@ class Learner:
                     index = rows[start:start + self.eval_batch]
                     batch = {k: v[index] for k, v in data.items()}
                     teacher = {k: v[index] for k, v in teacher_outputs.items()}
-                out = self.module.run(batch)
+                out = self.module.run(batch, batch_first=True)
                 parts.append(per_sample_losses(out, teacher, self.kinds, self.options.temperature,
                                                self.options.class_axis, self.energies).double().cpu().numpy())
         return np.concatenate(parts)
@@ -880,7 +880,7 @@ class Learner:
                 self._use_fixed(self.fixed_masks)
             batch = {k: v[index] for k, v in self.train.items()}
             teacher = {k: v[index] for k, v in self.teacher_train.items()}
-            rec = distillation_loss(self.module.run(batch), teacher, self.kinds, opts.temperature, opts.class_axis,
+            rec = distillation_loss(self.module.run(batch, batch_first=True), teacher, self.kinds, opts.temperature, opts.class_axis,
                                     self.energies)
             loss = rec
             sparsity = None

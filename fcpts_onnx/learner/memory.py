@@ -61,7 +61,7 @@ def saved_bytes(module, batch: Mapping[str, torch.Tensor]) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        outputs = module.run(dict(batch))
+        outputs = module.run(dict(batch), batch_first=True)
         for value in outputs.values():  # outputs live until the loss is computed
             if isinstance(value, torch.Tensor):
                 seen.setdefault(value.untyped_storage().data_ptr(), value.untyped_storage().nbytes())

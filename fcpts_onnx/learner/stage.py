@@ -90,7 +90,7 @@ def _learn(loaded: LoadedModel, found: Discovery, calibration: CalibrationSet, t
         return {a.name: a.i if a.type == a.INT else a.s.decode() for a in node.attribute if a.type in (a.INT, a.STRING)}
 
     # A graph exported with a fixed batch may bake it into Reshape constants: learn at that batch.
-    fixed_batch = static_batch(loaded.model)
+    fixed_batch = static_batch(loaded.model, calibration.layout)
     run_options = asdict(options) | {"learn_thresholds": learned, "reconstruct": reconstruct}
     train_tensors = to_device(train)
     requested = options.batch_size if options.batch_size is not None else DEFAULT_BATCH

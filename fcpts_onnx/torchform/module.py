@@ -529,9 +529,26 @@ class OnnxModule(nn.Module):
 
     # -- execution -----------------------------------------------------------------------
 
+    def set_batch_layout(self, layout, settings: Mapping[str, np.ndarray]) -> None:
+        """Where the graph keeps each input's and output's samples, and the settings' values
+        (calibration.BatchLayout), for run(..., batch_first=True)."""
+        self._layout = layout
+        self._settings = {name: to_torch(np.asarray(value)) for name, value in settings.items()}
+
     def run(self, feeds: Mapping[str, torch.Tensor], *, keep: Sequence[str] | None = None,
-            keep_all: bool = False) -> dict[str, torch.Tensor]:
-        """Execute the graph; returns the outputs (plus ``keep`` names, or every value)."""
+            keep_all: bool = False, batch_first: bool = False) -> dict[str, torch.Tensor]:
+        """Execute the graph; returns the outputs (plus ``keep`` names, or every value).
+
+        ``batch_first``: the feeds hold their samples first, as the learner keeps them; they go
+        to the axes the graph takes them on (set_batch_layout), the settings are added, and the
+        outputs come back samples first."""
+        layout = getattr(self, "_layout", None)
+        if batch_first and layout is not None and not (layout.trivial and not self._settings):
+            device = next((v.device for v in feeds.values()), None)
+            graph_feeds = {k: layout.to_graph(k, v, torch) for k, v in feeds.items()}
+            graph_feeds |= {k: v.to(device) for k, v in self._settings.items()}
+            out = self.run(graph_feeds, keep=keep, keep_all=keep_all)
+            return {k: layout.output_first(k, v, torch) if k in self.output_names else v for k, v in out.items()}
         env: dict[str, torch.Tensor | None] = {"": None}
         for name, key in self._const_keys.items():
             env[name] = self._constant(key)
