@@ -255,3 +255,16 @@ def test_bench_runs_a_streaming_model_on_its_calibration_data_only(tmp_path, cap
     assert main(bench) == 2
     err = capfd.readouterr().err
     assert "'gain' (a setting)" in err and "'state' (axis 1)" in err and "--calib" in err
+
+
+def test_an_output_with_no_sample_axis_is_refused(tmp_path):
+    """Beside a state batched on axis 1, an output summed over every sample cannot be split per sample."""
+    model = streaming_model(state_axis=1, rank=3)
+    model.graph.node.append(helper.make_node("ReduceSum", ["y"], ["total"], keepdims=1))
+    model.graph.output.append(helper.make_tensor_value_info("total", F32, [1, 1]))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    with pytest.raises(UnsupportedModelError, match=r"output 'total' has shape \[1, 1\] for one sample and \[1, 1\]"):
+        sparsify(path, tmp_path / "out.onnx", streaming_data(model, 16), sparsity=0.5, method="global",
+                 report_path=False)
+    assert not (tmp_path / "out.onnx").exists()
