@@ -55,4 +55,7 @@ step resnet18_profile 180 $PY -m cProfile -o "$OUT/resnet18_cuda.prof" -m fcpts_
     --quiet -o "$WORK/r18/profiled.onnx" --report "$OUT/resnet18_profile.json"
 $PY -c "import pstats; pstats.Stats('$OUT/resnet18_cuda.prof').sort_stats('tottime').print_stats(35)" \
     >"$OUT/resnet18_profile.txt" 2>&1
+# If graphs and streaming inputs learned on the GPU beside the CPU (silero-vad exports where
+# SILERO_DIR holds them: tools/real_models.py caches them).
+step control_flow 240 $PY tools/gpu_control_flow.py ${SILERO_DIR:+"$SILERO_DIR"/*.onnx}
 rm -rf "$WORK"
