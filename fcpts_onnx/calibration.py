@@ -443,7 +443,9 @@ def infer_layout(specs: list[InputSpec], batch_axes: Mapping[str, int] | None = 
     given, a scalar input is a setting, and an input whose first axis the graph fixes at a
     size the others do not share keeps them where the others' batch is named, or on its one
     dynamic axis (a state [2, batch, 128]); where every first axis is fixed, on its axis of
-    the size every input has (the batch of a fixed-batch streaming export). Raises
+    the size every input has (the batch of a fixed-batch streaming export). A dimension name
+    every input has once (``batch`` in a time-major x [T, batch, F] and h0 [2, batch, H]) is
+    the batch before all that. Raises
     UnsupportedModelError, naming the input and the option, where the graph does not say."""
     from .errors import OptionError
 
@@ -470,7 +472,15 @@ def infer_layout(specs: list[InputSpec], batch_axes: Mapping[str, int] | None = 
     batch_names = {s.dims[0] for s in dynamic_first if isinstance(s.dims[0], str)}
     moved: dict[str, int] = {}
     refuse = None
-    if fixed_first and dynamic_first:
+    # a dimension name every input has once is the batch (time-major exports: x [T, batch, F]
+    # beside h0 [layers, batch, H]); of several, the one called batch
+    common = sorted(d for d in {d for d in rest[0].dims if isinstance(d, str)} if rest and
+                    all(list(s.dims).count(d) == 1 for s in rest)) if rest else []
+    if len(common) > 1:
+        common = [d for d in common if "batch" in d.lower()]
+    if len(common) == 1:
+        moved = {s.name: list(s.dims).index(common[0]) for s in rest}
+    elif fixed_first and dynamic_first:
         ambiguous, stuck = [], []
         for s in fixed_first:
             named = [i for i, d in enumerate(s.dims) if isinstance(d, str) and d in batch_names]

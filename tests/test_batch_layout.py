@@ -45,8 +45,15 @@ def spec(name: str, *dims) -> InputSpec:
     ([spec("input", 1, 576), spec("state", 2, 1, 128)], {"state": 1}, 1),
     # an input fixed at 1 whose dynamic axis is not the batch the others name: batch 1, as before
     ([spec("x", "B", 3), spec("a", 1, "seq")], {}, 1),
+    # time-major: every input names its batch once, none on its first axis
+    ([spec("x", 5, "batch", 16), spec("h0", 2, "batch", 48), spec("c0", 2, "batch", 48)],
+     {"x": 1, "h0": 1, "c0": 1}, None),
+    ([spec("x", "T", "batch", 16), spec("h0", 2, "batch", 48)], {"x": 1, "h0": 1}, None),
+    # several names in every input: the one called batch
+    ([spec("ids", "seq", "batch_size"), spec("mask", "seq", "batch_size")], {"ids": 1, "mask": 1}, None),
     # nothing unusual
     ([spec("x", "N", 3, 32, 32)], {}, None),
+    ([spec("input_ids", "batch", "seq"), spec("attention_mask", "batch", "seq")], {}, None),
     ([spec("x", 4, 3), spec("y", 4, 5)], {}, 4),
 ])
 def test_where_the_samples_are_is_read_from_the_graph(specs, expected, fixed):
@@ -268,3 +275,47 @@ def test_an_output_with_no_sample_axis_is_refused(tmp_path):
         sparsify(path, tmp_path / "out.onnx", streaming_data(model, 16), sparsity=0.5, method="global",
                  report_path=False)
     assert not (tmp_path / "out.onnx").exists()
+
+
+class _TimeMajorLM(torch.nn.Module):
+    """A torch LSTM language model with its state as inputs, time-major as nn.LSTM defaults to."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Linear(8, 16)
+        self.rnn = torch.nn.LSTM(16, 24, num_layers=2)
+        self.out = torch.nn.Linear(24, 5)
+
+    def forward(self, x, h0, c0):  # x [T, batch, 8], h0 and c0 [2, batch, 24]
+        y, (h, c) = self.rnn(torch.relu(self.emb(x)), (h0, c0))
+        return self.out(y), h, c
+
+
+def test_a_time_major_torch_lstm_with_its_state_as_inputs(tmp_path):
+    import warnings
+
+    torch.manual_seed(0)
+    path = tmp_path / "lm.onnx"
+    axes = {name: {1: "batch"} for name in ("x", "h0", "c0", "y", "h", "c")} | {"x": {0: "steps", 1: "batch"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_TimeMajorLM().eval(), (torch.randn(4, 3, 8), torch.zeros(2, 3, 24), torch.zeros(2, 3, 24)),
+                          str(path), dynamo=False, opset_version=14, input_names=["x", "h0", "c0"],
+                          output_names=["y", "h", "c"], dynamic_axes=axes)
+    rng = np.random.default_rng(0)
+    n = 80
+    data = {"x": rng.standard_normal((4, n, 8)).astype(np.float32),
+            "h0": (0.1 * rng.standard_normal((2, n, 24))).astype(np.float32),
+            "c0": (0.1 * rng.standard_normal((2, n, 24))).astype(np.float32)}
+    report = sparsify(path, tmp_path / "out.onnx", data, sparsity=0.6, learn=LearnOptions(iters=20, seed=0),
+                      report_path=False)
+    assert report.calibration["batch_axes"] == {"inputs": {"x": 1, "h0": 1, "c0": 1},
+                                                "outputs": {"y": 1, "h": 1, "c": 1}}
+    assert report.learning["parity"]["passed"] and report.zero_params == round(0.6 * report.total_params)
+    assert report.learning["holdout_loss"]["best"] < report.learning["holdout_loss"]["initial"]
+    # per sample: the sparse model's outputs for sample i are the dense model's on sample i alone
+    session = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"])
+    whole = session.run(None, data)
+    one = session.run(None, {k: v[:, 7:8] for k, v in data.items()})
+    for a, b in zip(whole, one):
+        np.testing.assert_allclose(a[:, 7:8], b, rtol=1e-4, atol=1e-5)
