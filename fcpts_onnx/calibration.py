@@ -472,11 +472,13 @@ def infer_layout(specs: list[InputSpec], batch_axes: Mapping[str, int] | None = 
     batch_names = {s.dims[0] for s in dynamic_first if isinstance(s.dims[0], str)}
     moved: dict[str, int] = {}
     refuse = None
-    # a dimension name every input has once is the batch (time-major exports: x [T, batch, F]
-    # beside h0 [layers, batch, H]); of several, the one called batch
-    common = sorted(d for d in {d for d in rest[0].dims if isinstance(d, str)} if rest and
-                    all(list(s.dims).count(d) == 1 for s in rest)) if rest else []
-    if len(common) > 1:
+    # Where the first axes disagree, a dimension name every input has once is the batch
+    # (time-major exports: x [T, batch, F] beside h0 [layers, batch, H]); of several, the one
+    # called batch. Where they agree, only a name called batch moves it (x [seq, batch_size]).
+    common = sorted(d for d in {d for d in rest[0].dims if isinstance(d, str)}
+                    if all(list(s.dims).count(d) == 1 for s in rest)) if rest else []
+    disagree = len(sizes) > 1 or bool(fixed_first and dynamic_first)
+    if len(common) > 1 or not disagree:
         common = [d for d in common if "batch" in d.lower()]
     if len(common) == 1:
         moved = {s.name: list(s.dims).index(common[0]) for s in rest}

@@ -51,7 +51,10 @@ def spec(name: str, *dims) -> InputSpec:
     ([spec("x", "T", "batch", 16), spec("h0", 2, "batch", 48)], {"x": 1, "h0": 1}, None),
     # several names in every input: the one called batch
     ([spec("ids", "seq", "batch_size"), spec("mask", "seq", "batch_size")], {"ids": 1, "mask": 1}, None),
-    # nothing unusual
+    # nothing unusual, whatever the names (ddddocr's recogniser: one input [1, 1, 64, image_width])
+    ([spec("input1", 1, 1, 64, "image_width")], {}, 1),
+    ([spec("a", 1, "len"), spec("b", 1, "len")], {}, 1),
+    ([spec("x", "N", 3, "H", "W"), spec("y", "N", 3, "H", "W")], {}, None),
     ([spec("x", "N", 3, 32, 32)], {}, None),
     ([spec("input_ids", "batch", "seq"), spec("attention_mask", "batch", "seq")], {}, None),
     ([spec("x", 4, 3), spec("y", 4, 5)], {}, 4),
