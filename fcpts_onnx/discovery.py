@@ -81,6 +81,13 @@ QUANTIZED_OP_TYPES = {
 }
 
 SUBGRAPH_OP_TYPES = ("If", "Loop", "Scan")
+# the control flow the trainable form runs, and the attributes that hold its bodies
+RUN_BODIES = {"If": ("then_branch", "else_branch"), "Loop": ("body",)}
+
+
+def run_bodies(node: onnx.NodeProto) -> tuple[str, ...]:
+    """The body attributes of an If or Loop node (the control flow that is run and pruned); ()."""
+    return RUN_BODIES.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ()
 
 
 @dataclass(frozen=True)
@@ -509,10 +516,9 @@ def _shape_map(model: onnx.ModelProto,
             if tt.HasField("shape") and vi.name not in shapes:
                 shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
         for node in graph.node:
-            if node.op_type == "If":
-                for attr in node.attribute:
-                    if attr.type == onnx.AttributeProto.GRAPH:
-                        collect(attr.g)
+            for attr in node.attribute:
+                if attr.name in run_bodies(node) and attr.type == onnx.AttributeProto.GRAPH:
+                    collect(attr.g)
 
     collect(inferred.graph)
     return shapes
@@ -599,9 +605,9 @@ def _matmul_rows_cols(attrs: Mapping[str, Any], weight_input: int, rank: int) ->
 
 
 def _subgraph_weights(node: onnx.NodeProto, node_index: int, outer: GraphIndex) -> Iterable[SkippedWeight]:
-    """Weights that prunable ops inside a Loop's or Scan's body read (stored there or outside):
-    they stay whole, since the trainable form cannot run those bodies. (If bodies are read
-    like the main graph: see if_body_nodes.)"""
+    """Weights that prunable ops inside a Scan's body read (stored there or outside): they stay
+    whole, since the trainable form cannot run it. (If and Loop bodies are read like the main
+    graph: see if_body_nodes.)"""
     for attr in node.attribute:
         graphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
         for body in graphs:
@@ -621,7 +627,7 @@ def _subgraph_weights(node: onnx.NodeProto, node_index: int, outer: GraphIndex) 
                     yield SkippedWeight(
                         source.name, sub.op_type, _node_label(sub, j),
                         f"inside the {node.op_type} node {_node_label(node, node_index)!r} "
-                        f"(attribute {attr.name}); weights in Loop and Scan bodies are not pruned",
+                        f"(attribute {attr.name}); weights in Scan bodies are not pruned",
                     )
                     if not recurrent:  # a matrix product has one weight; a recurrent op two
                         break
@@ -629,16 +635,16 @@ def _subgraph_weights(node: onnx.NodeProto, node_index: int, outer: GraphIndex) 
 
 def if_body_nodes(node: onnx.NodeProto, node_index: int, outer: GraphIndex, path: tuple[tuple[int, str], ...] = ()
                   ) -> Iterable[tuple[onnx.NodeProto, int, tuple[tuple[int, str], ...], GraphIndex]]:
-    """Every node inside an If's two bodies, nested Ifs' included: (node, its index in its
-    body, the path to that body as Consumer.body spells it, the body's index)."""
+    """Every node inside an If's two bodies or a Loop's body, nested ones' included: (node, its
+    index in its body, the path to that body as Consumer.body spells it, the body's index)."""
     for attr in node.attribute:
-        if attr.name not in ("then_branch", "else_branch") or attr.type != onnx.AttributeProto.GRAPH:
+        if attr.name not in run_bodies(node) or attr.type != onnx.AttributeProto.GRAPH:
             continue
         here = (*path, (node_index, attr.name))
         inner = GraphIndex(attr.g, outer.opset_imports, parent=outer, path=here)
         for j, sub in enumerate(attr.g.node):
             yield sub, j, here, inner
-            if sub.op_type == "If" and sub.domain in ("", "ai.onnx"):
+            if run_bodies(sub):
                 yield from if_body_nodes(sub, j, inner, here)
 
 
@@ -673,7 +679,7 @@ def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
     # main-graph weights are pruned like any; what a body stores itself is listed as skipped)
     readers: list[tuple[onnx.NodeProto, int, tuple[tuple[int, str], ...], GraphIndex]] = []
     for i, node in enumerate(graph.node):
-        if node.op_type == "If" and node.domain in ("", "ai.onnx"):
+        if run_bodies(node):
             readers.extend(if_body_nodes(node, i, index))
             continue
         if node.op_type in SUBGRAPH_OP_TYPES:

@@ -390,6 +390,27 @@ def loop_model(seed: int = 0) -> onnx.ModelProto:
     return model(nodes, [vi("x", F32, [3, 8])], [vi("y", F32, [3, 5])], inits)
 
 
+def scan_model(seed: int = 0) -> onnx.ModelProto:
+    """Main graph: MatMul 'mm' (x [3, 8] @ 'W' [8, 5]) -> 'h'; Scan 'steps' over h's 3 rows, carrying
+    a [5] sum: body MatMul 'body_mm' (row @ main-graph 'W_scan' [5, 5]) + the carry; then MatMul
+    'out_mm' of the final carry by 'W_scan' again, from the main graph."""
+    body = helper.make_graph(
+        [helper.make_node("Unsqueeze", ["row", "zero_axis"], ["row2"]),
+         helper.make_node("MatMul", ["row2", "W_scan"], ["prod2"], name="body_mm"),
+         helper.make_node("Squeeze", ["prod2", "zero_axis"], ["prod"]),
+         helper.make_node("Add", ["carry_in", "prod"], ["carry_out"]),
+         helper.make_node("Identity", ["carry_out"], ["each"])],
+        "body", [vi("carry_in", F32, [5]), vi("row", F32, [5])], [vi("carry_out", F32, [5]), vi("each", F32, [5])],
+        [tensor("zero_axis", np.array([0], np.int64))])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Scan", ["carry0", "h"], ["carry", "all"], name="steps", body=body, num_scan_inputs=1),
+             helper.make_node("Unsqueeze", ["carry", "zero_axis_main"], ["carry2"]),
+             helper.make_node("MatMul", ["carry2", "W_scan"], ["y"], name="out_mm")]
+    inits = [tensor("W", rand((8, 5), seed)), tensor("W_scan", rand((5, 5), seed + 1) * 0.5),
+             tensor("carry0", np.zeros(5, np.float32)), tensor("zero_axis_main", np.array([0], np.int64))]
+    return model(nodes, [vi("x", F32, [3, 8])], [vi("y", F32, [1, 5])], inits)
+
+
 # ---------------------------------------------------------------------------------------------
 # Quantized graphs (all refused)
 

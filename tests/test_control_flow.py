@@ -1,7 +1,7 @@
-"""If graphs: the trainable form runs their bodies exactly (onnxruntime is the oracle), and the
-weights the bodies read are pruned, learned and written back where they are stored: in the
-main graph, or in a body as an initializer or a Constant node. Loop and Scan stay refused by
-the trainable form and their weights stay whole.
+"""If and Loop graphs: the trainable form runs their bodies exactly (onnxruntime is the
+oracle), and the weights the bodies read are pruned, learned and written back where they are
+stored: in the main graph, or in a body as an initializer or a Constant node. Scan stays
+refused by the trainable form and its weights stay whole.
 
 Where such graphs come from: torch's legacy exporter writes an If for ``squeeze(dim)`` on a
 dynamic axis and for scripted branches; the dynamo exporter for ``torch.cond`` (silero-vad's
@@ -189,9 +189,9 @@ def test_gradients_reach_weights_in_the_main_graph_and_in_bodies():
     assert len(touched) == 3  # W0, the outer branch's weight, one inner branch's weight
 
 
-def test_loop_is_still_refused_by_the_trainable_form():
-    with pytest.raises(UnsupportedModelError, match=r"Loop .*use a data-free method"):
-        OnnxModule(G.loop_model())
+def test_scan_is_still_refused_by_the_trainable_form():
+    with pytest.raises(UnsupportedModelError, match=r"Scan .*use a data-free method"):
+        OnnxModule(G.scan_model())
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,3 +320,149 @@ def test_torch_legacy_squeeze_on_a_dynamic_axis_runs_and_is_sparsified(tmp_path)
     out = onnx.load_model(str(tmp_path / "out.onnx"))
     zeros = sum(int(np.count_nonzero(w.values(out) == 0)) for w in discover(out).weights)
     assert zeros == report.zero_params == round(0.6 * report.total_params)
+
+
+# --------------------------------------------------------------------------------------------
+# Loop
+
+
+def loop_graph(trips: str, cond: str, n_scans: int, storage: str, seed: int = 0,
+               scans_batch_first: bool = False) -> onnx.ModelProto:
+    """x [N, 6] -> h = x @ W0, then a Loop carrying v (from h): v <- tanh(v @ WL) + 0.1 * i.
+    ``trips``: "const" (3 iterations at most), "absent", or "computed" (x's width // 2, by
+    Shape ops). ``cond``: "absent" (the body's is ignored), "count" (the body continues while
+    i < 2: a while loop), or "data" (while mean |v| > 0.05, a value the data decides; only with
+    a trip count). ``n_scans`` scan outputs (v * k each iteration), stacked [K, N, 6] by the Loop;
+    ``scans_batch_first`` transposes them to [N, K, 6]. ``storage``: where WL is stored."""
+    rng = np.random.default_rng(seed)
+    wl = (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32)
+    inits = [numpy_helper.from_array(_weight(0, seed), "W0")]
+    body_nodes, body_inits = [], []
+    if storage == "main":
+        inits.append(numpy_helper.from_array(wl, "WL"))
+    elif storage == "initializer":
+        body_inits.append(numpy_helper.from_array(wl, "WL"))
+    else:
+        body_nodes.append(helper.make_node("Constant", [], ["WL"], value=numpy_helper.from_array(wl, "WL")))
+    body_nodes += [helper.make_node("MatMul", ["v_in", "WL"], ["mm"], name="loop_mm"),
+                   helper.make_node("Tanh", ["mm"], ["t"]),
+                   helper.make_node("Cast", ["i"], ["i_f"], to=TensorProto.FLOAT),
+                   helper.make_node("Constant", [], ["tenth"], value=numpy_helper.from_array(np.float32(0.1))),
+                   helper.make_node("Mul", ["i_f", "tenth"], ["step"]),
+                   helper.make_node("Add", ["t", "step"], ["v_out"])]
+    if cond == "count":
+        body_nodes += [helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.int64(2))),
+                       helper.make_node("Less", ["i", "two"], ["cond_out"])]
+    elif cond == "data":
+        body_nodes += [helper.make_node("Abs", ["v_out"], ["a"]),
+                       helper.make_node("ReduceMean", ["a"], ["m"], keepdims=0),
+                       helper.make_node("Constant", [], ["lim"], value=numpy_helper.from_array(np.float32(0.05))),
+                       helper.make_node("Greater", ["m", "lim"], ["cond_out"])]
+    else:
+        body_nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"]))
+    scan_names = []
+    for k in range(n_scans):
+        body_nodes += [helper.make_node("Constant", [], [f"k{k}"], value=numpy_helper.from_array(np.float32(k + 1))),
+                       helper.make_node("Mul", ["v_out", f"k{k}"], [f"scan{k}"])]
+        scan_names.append(f"scan{k}")
+    body = helper.make_graph(
+        body_nodes, "loop_body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", F32, ["N", WIDTH])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", F32, ["N", WIDTH])]
+        + [helper.make_tensor_value_info(n, F32, ["N", WIDTH]) for n in scan_names], body_inits)
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["h"], name="mm0")]
+    if trips == "const":
+        inits.append(numpy_helper.from_array(np.array(3, np.int64), "M"))
+    elif trips == "computed":
+        inits.append(numpy_helper.from_array(np.array(2, np.int64), "halve"))
+        nodes += [helper.make_node("Shape", ["x"], ["shape"], start=1, end=2),
+                  helper.make_node("Squeeze", ["shape"], ["width"]),
+                  helper.make_node("Div", ["width", "halve"], ["M"])]
+    if cond != "absent":
+        inits.append(numpy_helper.from_array(np.array(True), "c0"))
+    loop_inputs = ["M" if trips != "absent" else "", "c0" if cond != "absent" else "", "h"]
+    loop_outputs = ["v", *[f"stacked{k}" for k in range(n_scans)]]
+    nodes.append(helper.make_node("Loop", loop_inputs, loop_outputs, name="loop", body=body))
+    outputs = [helper.make_tensor_value_info("v", F32, ["N", WIDTH])]
+    for k in range(n_scans):
+        if scans_batch_first:
+            nodes.append(helper.make_node("Transpose", [f"stacked{k}"], [f"scans{k}"], perm=[1, 0, 2]))
+            outputs.append(helper.make_tensor_value_info(f"scans{k}", F32, ["N", "K", WIDTH]))
+        else:
+            outputs.append(helper.make_tensor_value_info(f"stacked{k}", F32, ["K", "N", WIDTH]))
+    graph = helper.make_graph(nodes, "loop", [helper.make_tensor_value_info("x", F32, ["N", WIDTH])], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+LOOP_KINDS = [(t, c) for t in ("const", "absent", "computed") for c in ("absent", "count", "data")
+              if not (t == "absent" and c in ("absent", "data"))]  # those would never end
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(LOOP_KINDS), n_scans=st.integers(0, 2), storage=st.sampled_from(STORAGES),
+       seed=st.integers(0, 1000), batch=st.integers(1, 4))
+def test_loops_match_onnxruntime(kind, n_scans, storage, seed, batch):
+    trips, cond = kind
+    model = loop_graph(trips, cond, n_scans, storage, seed)
+    found = discover(model)
+    assert {w.name for w in found.weights} == {"W0", "WL"} and not found.skipped
+    module = OnnxModule(model, found.weights)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    for _ in range(3):
+        x = (rng.standard_normal((batch, WIDTH)) * rng.uniform(0.05, 2)).astype(np.float32)
+        expected = session.run(None, {"x": x})
+        with torch.no_grad():
+            got = module(torch.from_numpy(x))
+        assert len(got) == len(expected)
+        for e, g in zip(expected, got):
+            assert g.shape == e.shape
+            np.testing.assert_allclose(g.numpy(), e, rtol=1e-5, atol=1e-5)
+
+
+def test_a_loop_that_runs_no_iteration_returns_its_initial_values_and_empty_scans():
+    model = loop_graph("const", "absent", 1, "main")
+    next(t for t in model.graph.initializer if t.name == "M").CopyFrom(numpy_helper.from_array(np.array(0, np.int64), "M"))
+    body = next(a.g for a in model.graph.node[-1].attribute if a.name == "body")
+    for value in body.output[1:]:  # a static shape to make the empty scan output of
+        value.type.tensor_type.shape.dim[0].dim_value = 2
+    x = G.rand((2, WIDTH), 1)
+    module = OnnxModule(model, discover(model).weights)
+    with torch.no_grad():
+        v, stacked = module(torch.from_numpy(x))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    v_ref, stacked_ref = session.run(None, {"x": x})
+    np.testing.assert_allclose(v.numpy(), v_ref, rtol=1e-5, atol=1e-6)
+    assert tuple(stacked.shape) == stacked_ref.shape == (0, 2, WIDTH)
+    assert not module.body_runs  # the body never ran: its weights learned nothing
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_fcpts_learns_and_writes_loop_body_weights(storage, tmp_path):
+    model = loop_graph("const", "data", 1, storage, scans_batch_first=True)
+    src = G.save(model, tmp_path / "in.onnx")
+    x = np.random.default_rng(0).standard_normal((128, WIDTH)).astype(np.float32)
+    report = sparsify(src, tmp_path / "out.onnx", {"x": x}, sparsity=0.5,
+                      learn=LearnOptions(iters=20, batch_size=16, seed=0), report_path=False)
+    assert report.learning["parity"]["passed"] and report.learning["weights_in_untaken_branches"] == []
+    out = onnx.load_model(str(tmp_path / "out.onnx"))
+    found = discover(out)
+    assert sum(int(np.count_nonzero(w.values(out) == 0)) for w in found.weights) == report.zero_params == 36
+    wl = next(w for w in found.weights if w.name == "WL")
+    assert wl.storage == ("initializer" if storage != "constant" else "constant")
+    assert bool(wl.body) == (storage != "main")
+    assert np.count_nonzero(wl.values(out) == 0) > 0
+
+
+def test_a_loop_that_never_ends_is_stopped_with_the_node_named(monkeypatch):
+    import fcpts_onnx.torchform.module as module_code
+
+    monkeypatch.setattr(module_code, "MAX_LOOP_TRIPS", 50)
+    model = loop_graph("absent", "absent", 0, "main")  # no trip count, no condition: the spec's endless loop
+    module = OnnxModule(model, discover(model).weights)
+    with pytest.raises(module_code.NodeExecutionError, match=r"'loop'.*ran 50 iterations"), torch.no_grad():
+        module(torch.from_numpy(G.rand((2, WIDTH), 1)))

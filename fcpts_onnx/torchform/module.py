@@ -29,6 +29,7 @@ from ..discovery import (
     if_body_nodes,
     locate_tensor,
     plain_op_type,
+    run_bodies,
 )
 from ..errors import FcptsError, UnsupportedModelError
 from . import ops  # noqa: F401  (registers the operators)
@@ -102,8 +103,8 @@ def unsupported_operators(model: onnx.ModelProto) -> list[tuple[str, str, int, i
             domain = node.domain if node.domain not in ("ai.onnx",) else ""
             if node.op_type == "Constant" and domain == "":
                 continue  # folded into buffers/parameters when the module is built
-            if node.op_type == "If" and domain == "":
-                for body in _if_branches(node):
+            if run_bodies(node):
+                for _, body in _bodies(node):
                     visit(body)
                 continue
             version = opsets.get(domain, 1)
@@ -114,12 +115,23 @@ def unsupported_operators(model: onnx.ModelProto) -> list[tuple[str, str, int, i
     return [(d, op, v, n) for (d, op, v), n in sorted(missing.items())]
 
 
-def _if_branches(node: onnx.NodeProto) -> tuple[onnx.GraphProto, onnx.GraphProto]:
-    """An If node's (then_branch, else_branch) bodies."""
+def _bodies(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
+    """An If's (then_branch, else_branch) or a Loop's body, with their attribute names."""
     bodies = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
-    if set(bodies) != {"then_branch", "else_branch"}:
-        raise UnsupportedModelError(f"If node {node.name!r} lacks a then_branch or else_branch graph")
-    return bodies["then_branch"], bodies["else_branch"]
+    names = run_bodies(node)
+    if set(bodies) != set(names):
+        raise UnsupportedModelError(f"{node.op_type} node {node.name!r} lacks its {' or '.join(names)} graph")
+    return [(name, bodies[name]) for name in names]
+
+
+MAX_LOOP_TRIPS = 100_000  # a Loop with no trip count whose condition never turns false is refused there
+
+
+def _declared_shape(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    tt = value.type.tensor_type
+    if not tt.HasField("shape") or any(not d.HasField("dim_value") for d in tt.shape.dim):
+        return None
+    return tuple(d.dim_value for d in tt.shape.dim)
 
 
 def outer_names(graph: onnx.GraphProto) -> set[str]:
@@ -205,12 +217,15 @@ def _fused_fn(kernel: Callable, attrs: dict, rank: int) -> OpFn:
 
 @dataclass
 class _Body:
-    """One branch of an If: its steps, its own constants, and the names it returns."""
+    """A branch of an If or a Loop's body: its steps, its own constants, its inputs (a Loop's
+    iteration number, condition and carried values) and the names it returns."""
 
     steps: list[_Step]
     constants: dict[str, str]  # value name -> buffer key
     outputs: tuple[str, ...]
     path: tuple[tuple[int, str], ...]  # where it sits (discovery.body_graph), as Consumer.body spells it
+    inputs: tuple[str, ...] = ()
+    output_shapes: tuple[tuple[int, ...] | None, ...] = ()  # declared, where every dim is known
 
 
 @dataclass
@@ -220,7 +235,7 @@ class _Step:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     release: tuple[str, ...]  # values whose last use is this step
-    branches: tuple[_Body, _Body] | None = None  # an If's (then, else); fn is None then
+    branches: tuple[_Body, ...] | None = None  # an If's (then, else) or a Loop's (body,); fn is None then
 
 
 class OnnxModule(nn.Module):
@@ -266,8 +281,8 @@ class OnnxModule(nn.Module):
             key = add_parameter(ConstantSource(w.storage, w.index, w.name, w.body), "weight")
             self.prunable_keys.append(key)
         readers = [(node, index) for node in graph.node]
-        for i, node in enumerate(graph.node):  # nodes in If bodies read main-graph biases too
-            if node.op_type == "If" and node.domain in ("", "ai.onnx"):
+        for i, node in enumerate(graph.node):  # nodes in If and Loop bodies read biases too
+            if run_bodies(node):
                 readers.extend((sub, scope) for sub, _, _, scope in if_body_nodes(node, i, index))
         for node, scope in readers:
             for i, role in _tunable_inputs(node).items():
@@ -301,14 +316,14 @@ class OnnxModule(nn.Module):
         param_by_name = {src.name: key for key, src in self.sources.items() if not src.body}
         # those stored in If bodies, found by where they are stored
         self._body_params = {(src.body, src.storage, src.index): key for key, src in self.sources.items() if src.body}
-        self._if_paths: dict[int, tuple[tuple[int, str], ...]] = {}  # id(If node) -> the body path it sits in
+        self._if_paths: dict[int, tuple[tuple[int, str], ...]] = {}  # id(If/Loop node) -> the body path it sits in
 
         def find_ifs(g: onnx.GraphProto, path: tuple[tuple[int, str], ...]) -> None:
             for i, node in enumerate(g.node):
-                if node.op_type == "If" and node.domain in ("", "ai.onnx"):
+                if run_bodies(node):
                     self._if_paths[id(node)] = path
-                    for branch, body in zip(("then_branch", "else_branch"), _if_branches(node)):
-                        find_ifs(body, (*path, (i, branch)))
+                    for attr, body in _bodies(node):
+                        find_ifs(body, (*path, (i, attr)))
 
         find_ifs(graph, ())
         n_buffers = 0
@@ -340,8 +355,8 @@ class OnnxModule(nn.Module):
         # The node-by-node plan, for callers that want values a fused chain no longer makes.
         self._exact_steps = self._plan(steps_nodes, opsets)
         # values an If body reads from outside stay visible: a fused chain must not hide them
-        read_in_bodies = {n for node in steps_nodes if node.op_type == "If" and node.domain in ("", "ai.onnx")
-                          for body in _if_branches(node) for n in outer_names(body)}
+        read_in_bodies = {n for node in steps_nodes if run_bodies(node)
+                          for _, body in _bodies(node) for n in outer_names(body)}
         fusions = find_fusions(steps_nodes, self._stored_constant, opsets, [*self.output_names, *read_in_bodies])
         self.fusions = Counter(f.kind for f in fusions)
         self._fused_away = {name for f in fusions for name in f.hidden}
@@ -440,13 +455,14 @@ class OnnxModule(nn.Module):
         self.register_buffer(key, to_torch(value), persistent=False)
         return key
 
-    def _if_bodies(self, node: onnx.NodeProto, opsets: dict[str, int]) -> tuple[_Body, _Body]:
-        """Plan an If's branches (once per node): their constants become buffers, and their
-        nodes run like the main graph's, reading outer values by name."""
+    def _if_bodies(self, node: onnx.NodeProto, opsets: dict[str, int]) -> tuple[_Body, ...]:
+        """Plan an If's branches or a Loop's body (once per node): their constants become
+        buffers (parameters where prunable or tuned), and their nodes run like the main
+        graph's, reading outer values by name."""
         if id(node) not in self._branches:
             bodies = []
             node_index = next(i for i, n in enumerate(self._graph_holding(node).node) if n is node)
-            for branch, graph in zip(("then_branch", "else_branch"), _if_branches(node)):
+            for branch, graph in _bodies(node):
                 path = (*self._if_paths[id(node)], (node_index, branch))
                 constants = {}
                 for k, init in enumerate(graph.initializer):
@@ -460,8 +476,10 @@ class OnnxModule(nn.Module):
                     else:
                         nodes.append(sub)
                 outputs = tuple(o.name for o in graph.output)
-                bodies.append(_Body(self._plan(nodes, opsets, keep=outputs), constants, outputs, path))
-            self._branches[id(node)] = (bodies[0], bodies[1])
+                shapes = tuple(_declared_shape(o) for o in graph.output)
+                bodies.append(_Body(self._plan(nodes, opsets, keep=outputs), constants, outputs, path,
+                                    tuple(i.name for i in graph.input), shapes))
+            self._branches[id(node)] = tuple(bodies)
         return self._branches[id(node)]
 
     def _graph_holding(self, node: onnx.NodeProto) -> onnx.GraphProto:
@@ -484,9 +502,9 @@ class OnnxModule(nn.Module):
                     f"fused {fusion.kind}", [fusion.x, *fusion.extra], [fusion.output],
                     name=f"{node.name or fusion.output} (fused {fusion.kind} of {len(fusion.nodes)} nodes)"))
                 kernels[id(ordered[-1])] = _fused_fn(KERNELS[fusion.kind], dict(fusion.attrs), fusion.rank)
-        def reads(node: onnx.NodeProto) -> list[str]:  # an If also reads what its bodies use
-            if node.op_type == "If" and node.domain in ("", "ai.onnx"):
-                return [*node.input, *sorted(set().union(*(outer_names(b) for b in _if_branches(node))))]
+        def reads(node: onnx.NodeProto) -> list[str]:  # an If or a Loop also reads what its bodies use
+            if run_bodies(node):
+                return [*node.input, *sorted(set().union(*(outer_names(b) for _, b in _bodies(node))))]
             return list(node.input)
 
         last_use: dict[str, int] = {}
@@ -499,7 +517,7 @@ class OnnxModule(nn.Module):
         for i, node in enumerate(ordered):
             domain = "" if node.domain in ("", "ai.onnx") else node.domain
             release = tuple(sorted({n for n in reads(node) if n and last_use[n] == i and n not in keep}))
-            if node.op_type == "If" and domain == "":
+            if run_bodies(node):
                 opset = opsets.get(domain, 1)
                 steps.append(_Step(None, NodeContext(node, opset), tuple(node.input), tuple(node.output), release,
                                    self._if_bodies(node, opsets)))
@@ -575,7 +593,8 @@ class OnnxModule(nn.Module):
             step.ctx.device = device
             try:
                 if step.branches is not None:
-                    result = self._run_if(step, env, device)
+                    run = self._run_if if step.ctx.node.op_type == "If" else self._run_loop
+                    result = run(step, env, device)
                 else:
                     args = [env[n] if n else None for n in step.inputs]
                     # Trailing absent optional inputs are dropped so implementations see their defaults.
@@ -609,6 +628,50 @@ class OnnxModule(nn.Module):
             scope[name] = self._constant(key)  # a pruned weight through its mask, as in the main graph
         self._execute(body.steps, scope, set(body.outputs), False, device)
         return [scope[name] for name in body.outputs]
+
+    def _run_loop(self, step: _Step, env: dict, device) -> list[torch.Tensor]:
+        """ONNX Loop: the body runs while the trip count and the condition allow (both read on
+        the host, as onnxruntime does), with the carried values passed on; each scan output is
+        its per-iteration values stacked on a new first axis."""
+        (body,) = step.branches
+        names = list(step.inputs) + [""] * (2 - min(len(step.inputs), 2))
+        trips = None if not names[0] else int(env[names[0]].reshape(-1)[0])
+        use_cond = bool(names[1])
+        going = bool(env[names[1]].reshape(-1)[0]) if use_cond else True
+        carried = [env[n] for n in names[2:]]
+        n_carried = len(carried)
+        scans: list[list[torch.Tensor]] = [[] for _ in range(len(body.outputs) - 1 - n_carried)]
+        i = 0
+        while going and (trips is None or i < trips):
+            if trips is None and i >= MAX_LOOP_TRIPS:
+                raise ValueError(f"Loop without a trip count ran {MAX_LOOP_TRIPS} iterations without its condition "
+                                 "turning false")
+            scope = dict(env)
+            for name, key in body.constants.items():
+                scope[name] = self._constant(key)
+            values = [torch.tensor(i, dtype=torch.int64, device=device), torch.tensor(going, device=device), *carried]
+            scope.update(zip(body.inputs, values))
+            self._execute(body.steps, scope, set(body.outputs), False, device)
+            out = [scope[name] for name in body.outputs]
+            if use_cond:  # without a condition input the body's is computed and ignored
+                going = bool(out[0].reshape(-1)[0])
+            carried = out[1:1 + n_carried]
+            for values_k, value in zip(scans, out[1 + n_carried:]):
+                values_k.append(value)
+            i += 1
+        if i:
+            self.body_runs[body.path] += 1
+        stacked = []
+        for k, values_k in enumerate(scans):
+            if values_k:
+                stacked.append(torch.stack(values_k))
+                continue
+            shape = body.output_shapes[1 + n_carried + k]
+            if shape is None:
+                raise ValueError(f"Loop ran no iteration and its scan output {body.outputs[1 + n_carried + k]!r} "
+                                 "declares no full shape to make an empty one of")
+            stacked.append(torch.zeros((0, *shape), device=device))
+        return [*carried, *stacked]
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feeds = dict(zip(self.input_names, args))
