@@ -466,3 +466,42 @@ def test_a_loop_that_never_ends_is_stopped_with_the_node_named(monkeypatch):
     module = OnnxModule(model, discover(model).weights)
     with pytest.raises(module_code.NodeExecutionError, match=r"'loop'.*ran 50 iterations"), torch.no_grad():
         module(torch.from_numpy(G.rand((2, WIDTH), 1)))
+
+
+class _Refine(torch.nn.Module):
+    """A scripted refinement loop: the number of steps comes from a shape at run time."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(12, 16)
+        self.cell = torch.nn.Linear(16, 16)
+        self.out = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        for _ in range(x.shape[1] // 4):
+            h = torch.tanh(self.cell(h)) + h
+        return self.out(h)
+
+
+def test_a_scripted_torch_loop_runs_and_its_body_weight_is_learned(tmp_path):
+    import warnings
+
+    torch.manual_seed(0)
+    path = tmp_path / "refine.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.jit.script(_Refine().eval()), (torch.randn(2, 12),), str(path), dynamo=False,
+                          opset_version=15, input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}})
+    model = onnx.load_model(str(path))
+    assert [n.op_type for n in model.graph.node].count("Loop") == 1
+    cell = next(w for w in discover(model).weights if w.name == "cell.weight")
+    assert cell.consumers[0].body  # read inside the Loop's body
+    x = np.random.default_rng(0).standard_normal((96, 12)).astype(np.float32)
+    report = sparsify(path, tmp_path / "out.onnx", {"x": x}, sparsity=0.6,
+                      learn=LearnOptions(iters=20, batch_size=16, seed=0), report_path=False)
+    assert report.learning["parity"]["passed"] and report.learning["weights_in_untaken_branches"] == []
+    assert report.learning["holdout_loss"]["best"] < report.learning["holdout_loss"]["initial"]
+    out = onnx.load_model(str(tmp_path / "out.onnx"))
+    assert sum(int(np.count_nonzero(w.values(out) == 0)) for w in discover(out).weights) == report.zero_params \
+        == round(0.6 * report.total_params)
