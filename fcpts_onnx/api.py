@@ -216,7 +216,9 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
         else:
             calibration = _calibration(calibration_data, loaded, input_shapes, layout)
         if not layout.trivial:  # where each output keeps its samples, measured by onnxruntime
-            calibration.layout = output_batch_axes(loaded.path, calibration, fixed)
+            hint = ("; the inputs were generated from the graph's shapes: give real ones with --calib or sizes "
+                    "with --shape" if calibration.generated else "")
+            calibration.layout = output_batch_axes(loaded.path, calibration, fixed, run_hint=hint)
         # Dynamic-shape exports: count MACs at the calibration data's sample shape (a graph with
         # a fixed batch is measured at that batch: onnxruntime refuses any other).
         one_sample = calibration.take(slice(0, fixed or 1)).feed()

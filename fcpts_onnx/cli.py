@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _optimize(args: argparse.Namespace) -> int:
     shapes = dict(args.shape)
-    if shapes and args.calib:
+    if shapes and args.calib and args.calib != "random":  # --calib random generates its inputs: sizes apply
         raise OptionError("--shape sizes generated inputs; with --calib the data gives the shapes, drop --shape")
     learn = LearnOptions(
         iters=args.iters, batch_size=args.batch_size, lr=args.lr, threshold_lr=args.threshold_lr,

@@ -80,7 +80,8 @@ def run_onnxruntime(path: str | os.PathLike, calibration: CalibrationSet, batch_
     return {n: np.concatenate(v, axis=0) if v[0].ndim else v[-1] for n, v in collected.items()}
 
 
-def output_batch_axes(path: str | os.PathLike, calibration: CalibrationSet, fixed_batch: int | None) -> BatchLayout:
+def output_batch_axes(path: str | os.PathLike, calibration: CalibrationSet, fixed_batch: int | None,
+                      run_hint: str = "") -> BatchLayout:
     """``calibration.layout`` with each output's sample axis, for graphs whose inputs do not all
     keep their samples first: the axis that grows from one batch to two, measured by
     onnxruntime (a graph fixed at batch B: the output's axis of size B, read on one batch)."""
@@ -94,7 +95,7 @@ def output_batch_axes(path: str | os.PathLike, calibration: CalibrationSet, fixe
         except Exception as exc:
             raise UnsupportedModelError(
                 f"onnxruntime failed to run the input model on {n} calibration sample(s): {_first_line(exc)}"
-            ) from None
+                f"{run_hint}") from None
     axes = {}
     for k, name in enumerate(names):
         if not runs[0][k]:

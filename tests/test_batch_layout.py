@@ -251,6 +251,9 @@ def test_the_cli_takes_batch_axis_where_the_graph_does_not_say(tmp_path, capfd):
     assert main([*argv, "-o", str(tmp_path / "o.onnx"), "--batch-axis", "state=1"]) == 0
     assert (tmp_path / "o.onnx").exists()
     assert main(["inspect", str(path), "--parity", "--calib", str(tmp_path / "c.npz"), "--batch-axis", "state=1"]) == 0
+    # random inputs sized by --shape, the state's samples on its axis 1
+    assert main(["optimize", str(path), "--calib", "random", "--shape", "x=16,4", "--shape", "state=3,16,2",
+                 "--batch-axis", "state=1", "--iters", "2", "--quiet", "-o", str(tmp_path / "r.onnx")]) == 0
 
 
 def test_bench_runs_a_streaming_model_on_its_calibration_data_only(tmp_path, capfd):
