@@ -7,8 +7,9 @@ nodes, or share one tensor between several nodes; all of these resolve
 to one :class:`PrunableWeight` that knows where its values live, so write-back changes
 exactly that tensor and nothing else. Weights behind Transpose nodes (dynamo's unoptimised
 Linear, TensorFlow-layout kernels) or Cast-to-float nodes (fp16/bf16 storage) are followed
-to their stored tensor. Weights used inside If/Loop/Scan bodies are listed
-but not pruned (see ``SkippedWeight.reason``).
+to their stored tensor. Nodes inside If, Loop and Scan bodies read weights like the main
+graph's: stored outside the body or in it (``PrunableWeight.body`` and ``Consumer.body`` give
+the path into the bodies).
 """
 
 from __future__ import annotations
@@ -82,11 +83,11 @@ QUANTIZED_OP_TYPES = {
 
 SUBGRAPH_OP_TYPES = ("If", "Loop", "Scan")
 # the control flow the trainable form runs, and the attributes that hold its bodies
-RUN_BODIES = {"If": ("then_branch", "else_branch"), "Loop": ("body",)}
+RUN_BODIES = {"If": ("then_branch", "else_branch"), "Loop": ("body",), "Scan": ("body",)}
 
 
 def run_bodies(node: onnx.NodeProto) -> tuple[str, ...]:
-    """The body attributes of an If or Loop node (the control flow that is run and pruned); ()."""
+    """The body attributes of an If, Loop or Scan node (the control flow that is run and pruned); ()."""
     return RUN_BODIES.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ()
 
 
@@ -604,39 +605,11 @@ def _matmul_rows_cols(attrs: Mapping[str, Any], weight_input: int, rank: int) ->
     return (cols, rows) if attrs.get(f"trans{side}", 0) else (rows, cols)
 
 
-def _subgraph_weights(node: onnx.NodeProto, node_index: int, outer: GraphIndex) -> Iterable[SkippedWeight]:
-    """Weights that prunable ops inside a Scan's body read (stored there or outside): they stay
-    whole, since the trainable form cannot run it. (If and Loop bodies are read like the main
-    graph: see if_body_nodes.)"""
-    for attr in node.attribute:
-        graphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
-        for body in graphs:
-            inner = GraphIndex(body, outer.opset_imports, parent=outer)
-            for j, sub in enumerate(body.node):
-                if sub.op_type in SUBGRAPH_OP_TYPES:
-                    yield from _subgraph_weights(sub, j, inner)
-                if sub.op_type not in PRUNABLE_OP_TYPES:
-                    continue
-                recurrent = sub.op_type in RECURRENT_OP_TYPES
-                for k in (1, 2) if recurrent else (1, 0):
-                    if k >= len(sub.input) or not sub.input[k]:
-                        continue
-                    source, _ = inner.resolve(sub.input[k])
-                    if source is None:
-                        continue
-                    yield SkippedWeight(
-                        source.name, sub.op_type, _node_label(sub, j),
-                        f"inside the {node.op_type} node {_node_label(node, node_index)!r} "
-                        f"(attribute {attr.name}); weights in Scan bodies are not pruned",
-                    )
-                    if not recurrent:  # a matrix product has one weight; a recurrent op two
-                        break
-
-
 def if_body_nodes(node: onnx.NodeProto, node_index: int, outer: GraphIndex, path: tuple[tuple[int, str], ...] = ()
                   ) -> Iterable[tuple[onnx.NodeProto, int, tuple[tuple[int, str], ...], GraphIndex]]:
-    """Every node inside an If's two bodies or a Loop's body, nested ones' included: (node, its
-    index in its body, the path to that body as Consumer.body spells it, the body's index)."""
+    """Every node inside an If's two bodies or a Loop's or Scan's body, nested ones' included:
+    (node, its index in its body, the path to that body as Consumer.body spells it, the body's
+    index)."""
     for attr in node.attribute:
         if attr.name not in run_bodies(node) or attr.type != onnx.AttributeProto.GRAPH:
             continue
@@ -674,16 +647,12 @@ def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
 
     by_source: dict[ConstantSource, PrunableWeight] = {}
     skipped: list[SkippedWeight] = []
-    in_subgraphs: list[SkippedWeight] = []
     # every node that may read a weight: the main graph's, and those in If bodies (their
     # main-graph weights are pruned like any; what a body stores itself is listed as skipped)
     readers: list[tuple[onnx.NodeProto, int, tuple[tuple[int, str], ...], GraphIndex]] = []
     for i, node in enumerate(graph.node):
         if run_bodies(node):
             readers.extend(if_body_nodes(node, i, index))
-            continue
-        if node.op_type in SUBGRAPH_OP_TYPES:
-            in_subgraphs.extend(_subgraph_weights(node, i, index))
             continue
         readers.append((node, i, (), index))
     for node, i, body, scope in readers:
@@ -724,20 +693,18 @@ def discover(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
             )
 
     weights = list(by_source.values())
-    # A weight read by any excluded node, or also inside a control-flow body, is left whole:
-    # pruning it would change what that other reader sees.
-    subgraph_names = {s.name for s in in_subgraphs}
+    # A weight read by any excluded node is left whole: pruning it would change what that
+    # other reader sees.
     excluded_names = {s.name for s in skipped}
     kept = []
     for w in weights:
-        if w.name in subgraph_names or w.name in excluded_names:
-            why = ("also used inside a control-flow body; not pruned" if w.name in subgraph_names
-                   else "shared with a node that is not pruned")
-            skipped.append(SkippedWeight(w.name, w.op_type, w.consumers[0].node_name, why))
+        if w.name in excluded_names:
+            skipped.append(SkippedWeight(w.name, w.op_type, w.consumers[0].node_name,
+                                         "shared with a node that is not pruned"))
             continue
         kept.append(w)
     assign_macs(model, kept)
-    return Discovery(weights=kept, skipped=skipped + in_subgraphs)
+    return Discovery(weights=kept, skipped=skipped)
 
 
 def _measured_shapes(model: onnx.ModelProto, names: set[str],

@@ -1,7 +1,6 @@
-"""If and Loop graphs: the trainable form runs their bodies exactly (onnxruntime is the
+"""If, Loop and Scan graphs: the trainable form runs their bodies exactly (onnxruntime is the
 oracle), and the weights the bodies read are pruned, learned and written back where they are
-stored: in the main graph, or in a body as an initializer or a Constant node. Scan stays
-refused by the trainable form and its weights stay whole.
+stored: in the main graph, or in a body as an initializer or a Constant node.
 
 Where such graphs come from: torch's legacy exporter writes an If for ``squeeze(dim)`` on a
 dynamic axis and for scripted branches; the dynamo exporter for ``torch.cond`` (silero-vad's
@@ -189,9 +188,21 @@ def test_gradients_reach_weights_in_the_main_graph_and_in_bodies():
     assert len(touched) == 3  # W0, the outer branch's weight, one inner branch's weight
 
 
-def test_scan_is_still_refused_by_the_trainable_form():
-    with pytest.raises(UnsupportedModelError, match=r"Scan .*use a data-free method"):
-        OnnxModule(G.scan_model())
+def test_loop_and_scan_fixtures_match_onnxruntime():
+    for model in (G.loop_model(), G.scan_model()):
+        module = OnnxModule(model, discover(model).weights)
+        x = G.rand((3, 8), 4)
+        expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        with torch.no_grad():
+            np.testing.assert_allclose(module(torch.from_numpy(x))[0].numpy(), expected[0], rtol=1e-5, atol=1e-6)
+        assert list(module.body_runs) == [((1, "body"),)]
+
+
+def test_a_graph_with_no_implementation_is_still_refused_by_the_trainable_form():
+    model = G.if_model()
+    model.graph.node[1].op_type = "ReduceSumMadeUp"
+    with pytest.raises(UnsupportedModelError, match=r"ReduceSumMadeUp .*use a data-free method"):
+        OnnxModule(model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,3 +516,81 @@ def test_a_scripted_torch_loop_runs_and_its_body_weight_is_learned(tmp_path):
     out = onnx.load_model(str(tmp_path / "out.onnx"))
     assert sum(int(np.count_nonzero(w.values(out) == 0)) for w in discover(out).weights) == report.zero_params \
         == round(0.6 * report.total_params)
+
+
+
+# --------------------------------------------------------------------------------------------
+# Scan
+
+
+def scan_graph(n_states: int, in_axis: int, in_reverse: int, out_axis: int, out_reverse: int,
+               storage: str, seed: int = 0) -> onnx.ModelProto:
+    """x [N, T, 6] scanned over its T axis (``in_axis`` 1, or -2), ``n_states`` carried sums;
+    each step emits tanh(x_t @ WS + state) [N, 6], stacked on ``out_axis`` (0, 1 or -1)."""
+    rng = np.random.default_rng(seed)
+    ws = (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32)
+    inits, body_nodes, body_inits = [], [], []
+    if storage == "main":
+        inits.append(numpy_helper.from_array(ws, "WS"))
+    elif storage == "initializer":
+        body_inits.append(numpy_helper.from_array(ws, "WS"))
+    else:
+        body_nodes.append(helper.make_node("Constant", [], ["WS"], value=numpy_helper.from_array(ws, "WS")))
+    body_nodes.append(helper.make_node("MatMul", ["x_t", "WS"], ["mm"], name="scan_mm"))
+    last = "mm"
+    state_in = [f"s{k}_in" for k in range(n_states)]
+    for k in range(n_states):
+        body_nodes += [helper.make_node("Add", [last, state_in[k]], [f"a{k}"])]
+        last = f"a{k}"
+    body_nodes.append(helper.make_node("Tanh", [last], ["y_t"]))
+    for k in range(n_states):
+        body_nodes.append(helper.make_node("Add", [state_in[k], "y_t"], [f"s{k}_out"]))
+    body = helper.make_graph(
+        body_nodes, "scan_body",
+        [helper.make_tensor_value_info(n, F32, ["N", WIDTH]) for n in state_in]
+        + [helper.make_tensor_value_info("x_t", F32, ["N", WIDTH])],
+        [helper.make_tensor_value_info(f"s{k}_out", F32, ["N", WIDTH]) for k in range(n_states)]
+        + [helper.make_tensor_value_info("y_t", F32, ["N", WIDTH])], body_inits)
+    nodes = [helper.make_node("ReduceSum", ["x", "time_axis"], [f"s{k}_0"], keepdims=0) for k in range(n_states)]
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "time_axis"))
+    nodes.append(helper.make_node("Scan", [*(f"s{k}_0" for k in range(n_states)), "x"],
+                                  [*(f"s{k}" for k in range(n_states)), "ys"], name="scan", body=body,
+                                  num_scan_inputs=1, scan_input_axes=[in_axis], scan_input_directions=[in_reverse],
+                                  scan_output_axes=[out_axis], scan_output_directions=[out_reverse]))
+    outputs = [helper.make_tensor_value_info(f"s{k}", F32, ["N", WIDTH]) for k in range(n_states)]
+    outputs.append(helper.make_tensor_value_info("ys", F32, ["A", "B", "C"]))
+    graph = helper.make_graph(nodes, "scan", [helper.make_tensor_value_info("x", F32, ["N", "T", WIDTH])], outputs,
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(n_states=st.integers(0, 2), in_axis=st.sampled_from([1, -2]), in_reverse=st.integers(0, 1),
+       out_axis=st.sampled_from([0, 1, -1]), out_reverse=st.integers(0, 1), storage=st.sampled_from(STORAGES),
+       seed=st.integers(0, 1000), batch=st.integers(1, 3), steps=st.integers(1, 4))
+def test_scans_match_onnxruntime(n_states, in_axis, in_reverse, out_axis, out_reverse, storage, seed, batch, steps):
+    model = scan_graph(n_states, in_axis, in_reverse, out_axis, out_reverse, storage, seed)
+    found = discover(model)
+    assert [w.name for w in found.weights] == ["WS"] and found.weights[0].consumers[0].body
+    module = OnnxModule(model, found.weights)
+    x = np.random.default_rng(seed).standard_normal((batch, steps, WIDTH)).astype(np.float32)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    with torch.no_grad():
+        got = module(torch.from_numpy(x))
+    for e, g in zip(expected, got):
+        assert g.shape == e.shape
+        np.testing.assert_allclose(g.numpy(), e, rtol=1e-5, atol=1e-5)
+
+
+def test_fcpts_learns_a_scan_body_weight(tmp_path):
+    model = scan_graph(1, 1, 0, 1, 0, "constant")  # ys [N, T, 6]: samples first
+    src = G.save(model, tmp_path / "in.onnx")
+    x = np.random.default_rng(0).standard_normal((96, 4, WIDTH)).astype(np.float32)
+    report = sparsify(src, tmp_path / "out.onnx", {"x": x}, sparsity=0.5,
+                      learn=LearnOptions(iters=20, batch_size=16, seed=0), report_path=False)
+    assert report.learning["parity"]["passed"] and report.zero_params == 18
+    out = onnx.load_model(str(tmp_path / "out.onnx"))
+    ws = discover(out).weights[0]
+    assert ws.storage == "constant" and ws.body and int(np.count_nonzero(ws.values(out) == 0)) == 18

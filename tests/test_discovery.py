@@ -268,20 +268,14 @@ def test_main_graph_weight_read_in_an_if_body_is_pruned_with_both_readers():
     assert {(c.node_name, c.body) for c in shared.consumers} == {("mm_side", ()), ("then_mm", ((3, "then_branch"),))}
 
 
-def test_loop_body_weights_are_pruned_scan_body_weights_stay_whole():
-    model = G.loop_model()
-    assert _ort_runs(model, {"x": np.ones((3, 8), np.float32)})[0].shape == (3, 5)
-    found = discover(model)
-    assert sorted(w.name for w in found.weights) == ["W", "W_loop"] and not found.skipped
-    loop = next(w for w in found.weights if w.name == "W_loop")
-    assert {(c.node_name, c.body) for c in loop.consumers} == {("body_mm", ((1, "body"),)), ("out_mm", ())}
-    model = G.scan_model()
-    assert _ort_runs(model, {"x": np.ones((3, 8), np.float32)})[0].shape == (1, 5)
-    found = discover(model)
-    assert [w.name for w in found.weights] == ["W"]
-    reasons = {s.name: s.reason for s in found.skipped}
-    assert set(reasons) == {"W_scan"}  # read by body_mm in the Scan and by out_mm outside it
-    assert any("'steps'" in s.reason and "Scan bodies are not pruned" in s.reason for s in found.skipped)
+def test_loop_and_scan_body_weights_are_pruned_with_every_reader():
+    for model, name, body_reader, index in ((G.loop_model(), "W_loop", "body_mm", 1),
+                                            (G.scan_model(), "W_scan", "body_mm", 1)):
+        assert _ort_runs(model, {"x": np.ones((3, 8), np.float32)})[0].shape[-1] == 5
+        found = discover(model)
+        assert sorted(w.name for w in found.weights) == ["W", name] and not found.skipped
+        weight = next(w for w in found.weights if w.name == name)
+        assert {(c.node_name, c.body) for c in weight.consumers} == {(body_reader, ((index, "body"),)), ("out_mm", ())}
 
 
 @pytest.mark.parametrize("kind", sorted(G.QUANTIZED))

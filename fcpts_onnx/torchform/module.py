@@ -593,7 +593,7 @@ class OnnxModule(nn.Module):
             step.ctx.device = device
             try:
                 if step.branches is not None:
-                    run = self._run_if if step.ctx.node.op_type == "If" else self._run_loop
+                    run = {"If": self._run_if, "Loop": self._run_loop, "Scan": self._run_scan}[step.ctx.node.op_type]
                     result = run(step, env, device)
                 else:
                     args = [env[n] if n else None for n in step.inputs]
@@ -672,6 +672,47 @@ class OnnxModule(nn.Module):
                                  "declares no full shape to make an empty one of")
             stacked.append(torch.zeros((0, *shape), device=device))
         return [*carried, *stacked]
+
+    def _run_scan(self, step: _Step, env: dict, device) -> list[torch.Tensor]:
+        """ONNX Scan (opset 9 on): the body runs once per slice of the scan inputs along their
+        scan axes (last first where a direction is 1), carrying the state variables; each scan
+        output's per-step values are stacked along its output axis (reversed where its
+        direction is 1)."""
+        node = step.ctx.node
+        if step.ctx.opset < 9:
+            raise ValueError("Scan before opset 9 (with a batch axis and sequence_lens) is not run; re-export at opset 9+")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute if a.name != "body"}
+        (body,) = step.branches
+        values = [env[n] for n in step.inputs]
+        n_scan = int(attrs["num_scan_inputs"])
+        states, xs = values[:len(values) - n_scan], values[len(values) - n_scan:]
+        in_axes = [a + x.dim() if a < 0 else a for a, x in zip(attrs.get("scan_input_axes", [0] * n_scan), xs)]
+        in_dirs = list(attrs.get("scan_input_directions", [0] * n_scan))
+        steps = xs[0].shape[in_axes[0]] if xs else 0
+        n_out = len(body.outputs) - len(states)
+        per_step: list[list[torch.Tensor]] = [[] for _ in range(n_out)]
+        for t in range(steps):
+            slices = [x.select(axis, steps - 1 - t if reverse else t) for x, axis, reverse in zip(xs, in_axes, in_dirs)]
+            scope = dict(env)
+            for name, key in body.constants.items():
+                scope[name] = self._constant(key)
+            scope.update(zip(body.inputs, [*states, *slices]))
+            self._execute(body.steps, scope, set(body.outputs), False, device)
+            out = [scope[name] for name in body.outputs]
+            states = out[:len(states)]
+            for k, value in enumerate(out[len(states):]):
+                per_step[k].append(value)
+        if steps:
+            self.body_runs[body.path] += 1
+        elif n_out:
+            raise ValueError("Scan over an empty sequence: its scan outputs have no shape to take")
+        out_axes = list(attrs.get("scan_output_axes", [0] * n_out))
+        out_dirs = list(attrs.get("scan_output_directions", [0] * n_out))
+        stacked = []
+        for values_k, axis, reverse in zip(per_step, out_axes, out_dirs):
+            rank = values_k[0].dim() + 1
+            stacked.append(torch.stack(values_k[::-1] if reverse else values_k, dim=axis + rank if axis < 0 else axis))
+        return [*states, *stacked]
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feeds = dict(zip(self.input_names, args))
