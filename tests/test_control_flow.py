@@ -73,12 +73,7 @@ def nested_if(depth: int, storages: tuple[str, ...], seed: int = 0, by_shape: bo
             name = f"W{path}"
             values = _weight(len(path) * 31 + sum(ord(c) for c in path), seed)
             body_nodes, body_inits = [], []
-            if storages[k] == "main":
-                inits.append(numpy_helper.from_array(values, name))
-            elif storages[k] == "initializer":
-                body_inits.append(numpy_helper.from_array(values, name))
-            else:
-                body_nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(values, name)))
+            _store(values, name, storages[k], inits, body_nodes, body_inits)
             body_nodes.append(helper.make_node("MatMul", ["h", name], [f"{path}_mm"], name=f"{path}_mm"))
             if branch == "t":
                 body_nodes.append(helper.make_node("Relu", [f"{path}_mm"], [f"{path}_a"]))
@@ -337,6 +332,16 @@ def test_torch_legacy_squeeze_on_a_dynamic_axis_runs_and_is_sparsified(tmp_path)
 # Loop
 
 
+def _store(values: np.ndarray, name: str, storage: str, inits: list, body_nodes: list, body_inits: list) -> None:
+    """Put a body's weight where ``storage`` says: the main graph, a body initializer or a body Constant."""
+    if storage == "main":
+        inits.append(numpy_helper.from_array(values, name))
+    elif storage == "initializer":
+        body_inits.append(numpy_helper.from_array(values, name))
+    else:
+        body_nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(values, name)))
+
+
 def loop_graph(trips: str, cond: str, n_scans: int, storage: str, seed: int = 0,
                scans_batch_first: bool = False) -> onnx.ModelProto:
     """x [N, 6] -> h = x @ W0, then a Loop carrying v (from h): v <- tanh(v @ WL) + 0.1 * i.
@@ -349,12 +354,7 @@ def loop_graph(trips: str, cond: str, n_scans: int, storage: str, seed: int = 0,
     wl = (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32)
     inits = [numpy_helper.from_array(_weight(0, seed), "W0")]
     body_nodes, body_inits = [], []
-    if storage == "main":
-        inits.append(numpy_helper.from_array(wl, "WL"))
-    elif storage == "initializer":
-        body_inits.append(numpy_helper.from_array(wl, "WL"))
-    else:
-        body_nodes.append(helper.make_node("Constant", [], ["WL"], value=numpy_helper.from_array(wl, "WL")))
+    _store(wl, "WL", storage, inits, body_nodes, body_inits)
     body_nodes += [helper.make_node("MatMul", ["v_in", "WL"], ["mm"], name="loop_mm"),
                    helper.make_node("Tanh", ["mm"], ["t"]),
                    helper.make_node("Cast", ["i"], ["i_f"], to=TensorProto.FLOAT),
@@ -530,12 +530,7 @@ def scan_graph(n_states: int, in_axis: int, in_reverse: int, out_axis: int, out_
     rng = np.random.default_rng(seed)
     ws = (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32)
     inits, body_nodes, body_inits = [], [], []
-    if storage == "main":
-        inits.append(numpy_helper.from_array(ws, "WS"))
-    elif storage == "initializer":
-        body_inits.append(numpy_helper.from_array(ws, "WS"))
-    else:
-        body_nodes.append(helper.make_node("Constant", [], ["WS"], value=numpy_helper.from_array(ws, "WS")))
+    _store(ws, "WS", storage, inits, body_nodes, body_inits)
     body_nodes.append(helper.make_node("MatMul", ["x_t", "WS"], ["mm"], name="scan_mm"))
     last = "mm"
     state_in = [f"s{k}_in" for k in range(n_states)]
