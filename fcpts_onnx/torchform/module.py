@@ -86,7 +86,7 @@ class TensorSource:
     index: int
     dtype: str  # numpy dtype name of the stored tensor
     role: str  # "weight" (prunable), "bias" or "norm"
-    body: tuple[tuple[int, str], ...] = ()  # the If body it is stored in (discovery.body_graph)
+    body: tuple[tuple[int, str], ...] = ()  # the If/Loop/Scan body it is stored in (discovery.body_graph)
 
     def tensor(self, model: onnx.ModelProto) -> onnx.TensorProto:
         return locate_tensor(model, self.storage, self.index, self.body)
@@ -116,7 +116,7 @@ def unsupported_operators(model: onnx.ModelProto) -> list[tuple[str, str, int, i
 
 
 def _bodies(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
-    """An If's (then_branch, else_branch) or a Loop's body, with their attribute names."""
+    """An If's (then_branch, else_branch) or a Loop's or Scan's body, with their attribute names."""
     bodies = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
     names = run_bodies(node)
     if set(bodies) != set(names):
@@ -217,8 +217,9 @@ def _fused_fn(kernel: Callable, attrs: dict, rank: int) -> OpFn:
 
 @dataclass
 class _Body:
-    """A branch of an If or a Loop's body: its steps, its own constants, its inputs (a Loop's
-    iteration number, condition and carried values) and the names it returns."""
+    """A branch of an If or a Loop's or Scan's body: its steps, its own constants, its inputs (a
+    Loop's iteration number, condition and carried values; a Scan's states and slices) and the
+    names it returns."""
 
     steps: list[_Step]
     constants: dict[str, str]  # value name -> buffer key
@@ -235,7 +236,7 @@ class _Step:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     release: tuple[str, ...]  # values whose last use is this step
-    branches: tuple[_Body, ...] | None = None  # an If's (then, else) or a Loop's (body,); fn is None then
+    branches: tuple[_Body, ...] | None = None  # an If's (then, else), a Loop's or Scan's (body,); fn is None
 
 
 class OnnxModule(nn.Module):
@@ -252,7 +253,7 @@ class OnnxModule(nn.Module):
         super().__init__()
         refuse_unsupported(model)
         graph = model.graph
-        self._graph = graph  # If bodies are planned from it (kept for their constants' places)
+        self._graph = graph  # control-flow bodies are planned from it (kept for their constants' places)
         opsets = {op.domain or "": op.version for op in model.opset_import}
         self.opset = opsets.get("", opsets.get("ai.onnx", 1))
         index = GraphIndex(graph, model.opset_import)
@@ -281,7 +282,7 @@ class OnnxModule(nn.Module):
             key = add_parameter(ConstantSource(w.storage, w.index, w.name, w.body), "weight")
             self.prunable_keys.append(key)
         readers = [(node, index) for node in graph.node]
-        for i, node in enumerate(graph.node):  # nodes in If and Loop bodies read biases too
+        for i, node in enumerate(graph.node):  # nodes in control-flow bodies read biases too
             if run_bodies(node):
                 readers.extend((sub, scope) for sub, _, _, scope in if_body_nodes(node, i, index))
         for node, scope in readers:
