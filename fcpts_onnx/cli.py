@@ -26,6 +26,7 @@ from .learner.options import (
     MIN_AUTO_BATCH,
     LearnOptions,
 )
+from .report import jsonable
 
 
 def _op_types(text: str) -> tuple[str, ...]:
@@ -265,13 +266,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
         info = inspect_parity(args.model, args.calib, device=args.device, input_shapes=dict(args.shape) or None,
                               batch_axes=dict(args.batch_axis))
-        print(json.dumps(info, indent=2) if args.json else format_parity(info))
+        print(json.dumps(jsonable(info), indent=2) if args.json else format_parity(info))
         return 0 if info["parity"]["passed"] else 1
     if args.calib:
         raise OptionError("--calib is used by inspect only with --parity")
     info = inspect_model(args.model, nodes_to_exclude=tuple(args.exclude), op_types=args.op_types,
                          input_shapes=dict(args.shape) or None)
-    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    print(json.dumps(jsonable(info), indent=2) if args.json else format_inspection(info))
     return 0
 
 

@@ -7,6 +7,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import OutputError
 
@@ -27,6 +28,18 @@ class LayerRow:
     sparsity: float
     macs: int | None
     nonzero_macs: int | None
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with every bytes key or value as text: protobuf hands back a name whose bytes are
+    not UTF-8 (a damaged file) as bytes, which JSON cannot hold."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {jsonable(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
 
 
 @dataclass
@@ -57,7 +70,7 @@ class Report:
     bench: dict | None = None  # `optimize --bench`: fcpts_onnx.bench's JSON (BenchResult.to_dict())
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return jsonable(asdict(self))
 
     def write_json(self, path: str | os.PathLike) -> None:
         """Atomic: the report appears whole or not at all."""

@@ -1,7 +1,8 @@
 """Fuzzing: mutated models either work or are refused with one line; nothing else may happen.
 
-Hypothesis mutates two valid models (the conftest Conv+MatMul with a dynamic batch, and
-graphs.mixed: initializer, Identity-fed and Constant-node weights, biases, static shapes)
+Hypothesis mutates three valid models (the conftest Conv+MatMul with a dynamic batch,
+graphs.mixed: initializer, Identity-fed and Constant-node weights, biases, static shapes, and
+graphs.if_model: an If whose branches read a main-graph weight and a Constant of their own)
 at the byte level (truncation, flipped bytes) and at the structure level (missing
 initializers, wrong dtypes and lengths, absurd dims, cycles, dangling inputs, duplicate
 outputs, bad attributes, odd opsets and IR versions, unknown ops, escaping external data,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import random
 import signal
 import sys
@@ -45,7 +47,7 @@ TIME_LIMIT_S = 60
 def base_models() -> dict[str, onnx.ModelProto]:
     tiny = helper.make_model(matmul_conv_graph(), opset_imports=[helper.make_opsetid("", OPSET)])
     tiny.ir_version = IR_VERSION
-    return {"tiny": tiny, "mixed": graphs.mixed()}
+    return {"tiny": tiny, "mixed": graphs.mixed(), "if": graphs.if_model(share_outer=True)}
 
 
 BASES = base_models()
@@ -148,7 +150,14 @@ def drop_graph_io(m, r):
 
 
 def bad_attribute(m, r):
-    conv = next(n for n in m.graph.node if n.op_type == "Conv")
+    conv = next((n for n in m.graph.node if n.op_type == "Conv"), None)
+    if conv is None:  # the If base: a branch missing, or not a graph
+        node = next(n for n in m.graph.node if n.op_type == "If")
+        branch = r.choice(list(node.attribute))
+        node.attribute.remove(branch)
+        if r.random() < 0.5:
+            node.attribute.append(helper.make_attribute(branch.name, r.choice([3, "text", [1, 2]])))
+        return _bytes(m)
     del conv.attribute[:]
     conv.attribute.append(r.choice([
         helper.make_attribute("group", r.choice([0, 3, -1, 1 << 40])),
@@ -349,3 +358,18 @@ def outcome_table(seeds: int = 20) -> str:
 
 if __name__ == "__main__":
     print(outcome_table())
+
+
+def test_a_name_that_is_not_utf8_reaches_the_reports_as_text(tmp_path):
+    """Found by the If base: a flipped byte in a node name that reads a pruned weight. protobuf hands
+    such a name back as bytes, and the JSON report could not hold it (an internal error, exit 3)."""
+    data = BASES["if"].SerializeToString().replace(b"mm_side", b"\xa9m_side")
+    model = tmp_path / "m.onnx"
+    model.write_bytes(data)
+    code, out, err = run_cli(["optimize", str(model), "--method", "global", "-o", str(tmp_path / "o.onnx"), "--json"])
+    assert code == 0, err
+    report = json.loads(out)
+    assert "\ufffdm_side" in {n for row in report["layers"] for n in row["nodes"]}
+    code, out, err = run_cli(["inspect", str(model), "--json"])
+    assert code == 0, err
+    assert "\ufffdm_side" in {n for layer in json.loads(out)["layers"] for n in layer["nodes"]}

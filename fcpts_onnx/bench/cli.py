@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import FcptsError, OptionError
+from ..report import jsonable
 from .core import DEFAULT_BATCHES, bench_optimized, benchmark
 from .runners import ENV_PYTHON, RUNTIMES
 from .timing import Budget
@@ -88,7 +89,7 @@ def run_bench(args: argparse.Namespace) -> int:
         input_shapes=dict(args.shape) or None, calibration=args.calib, deepsparse_python=args.deepsparse_python,
         progress=_progress(args.quiet or args.json == "-"),
     )
-    data = result.to_dict()
+    data = jsonable(result.to_dict())
     if args.plot:
         from .plot import plot_speedups
 
