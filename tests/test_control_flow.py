@@ -301,17 +301,23 @@ class _SqueezeCRNN(torch.nn.Module):
         return self.fc(hidden)
 
 
-def test_torch_legacy_squeeze_on_a_dynamic_axis_runs_and_is_sparsified(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "crnn.onnx"
+def _legacy_export(module: torch.nn.Module, example: torch.Tensor, path, opset: int, dynamic_axes: dict) -> onnx.ModelProto:
+    """``module`` (in eval mode) through torch's legacy exporter, input x and output y, its
+    deprecation warnings silenced; returns the model loaded back."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_SqueezeCRNN().eval(), (torch.randn(2, 3, 8, 32),), str(path), dynamo=False, opset_version=13,
-                          input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}, "y": {0: "batch", 1: "steps"}})
-    model = onnx.load_model(str(path))
+        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset, input_names=["x"],
+                          output_names=["y"], dynamic_axes=dynamic_axes)
+    return onnx.load_model(str(path))
+
+
+def test_torch_legacy_squeeze_on_a_dynamic_axis_runs_and_is_sparsified(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "crnn.onnx"
+    model = _legacy_export(_SqueezeCRNN().eval(), torch.randn(2, 3, 8, 32), path, 13,
+                           {"x": {0: "batch", 2: "height", 3: "width"}, "y": {0: "batch", 1: "steps"}})
     assert [n.op_type for n in model.graph.node].count("If") == 1
     x = np.random.default_rng(0).standard_normal((64, 3, 8, 32)).astype(np.float32)
     module = OnnxModule(model, discover(model).weights)
@@ -496,15 +502,9 @@ class _Refine(torch.nn.Module):
 
 
 def test_a_scripted_torch_loop_runs_and_its_body_weight_is_learned(tmp_path):
-    import warnings
-
     torch.manual_seed(0)
     path = tmp_path / "refine.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(torch.jit.script(_Refine().eval()), (torch.randn(2, 12),), str(path), dynamo=False,
-                          opset_version=15, input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}})
-    model = onnx.load_model(str(path))
+    model = _legacy_export(torch.jit.script(_Refine().eval()), torch.randn(2, 12), path, 15, {"x": {0: "b"}})
     assert [n.op_type for n in model.graph.node].count("Loop") == 1
     cell = next(w for w in discover(model).weights if w.name == "cell.weight")
     assert cell.consumers[0].body  # read inside the Loop's body
