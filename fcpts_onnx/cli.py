@@ -24,6 +24,8 @@ from .learner.options import (
     INITS,
     LOSS_KINDS,
     MIN_AUTO_BATCH,
+    PENALTY_THRESHOLD_LR,
+    PROJECTED_THRESHOLD_LR,
     LearnOptions,
 )
 from .report import jsonable
@@ -133,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{MIN_AUTO_BATCH}, where {DEFAULT_BATCH} would fit fewer than {DEFAULT_ITERS} steps)")
     learn.add_argument("--lr", type=float, default=LearnOptions.lr,
                        help=f"learning rate of weights, biases, norms (default {LearnOptions.lr:g})")
-    learn.add_argument("--threshold-lr", type=float, default=LearnOptions.threshold_lr,
-                       help=f"learning rate of the log-thresholds (default {LearnOptions.threshold_lr:g})")
+    learn.add_argument("--threshold-lr", type=float, default=None,
+                       help=f"step size of the log-thresholds (default {PROJECTED_THRESHOLD_LR:g}; "
+                            f"Adam's learning rate with --constraint penalty, default {PENALTY_THRESHOLD_LR:g})")
     learn.add_argument("--lambda", dest="lambda_", type=float, default=LearnOptions.lambda_,
                        help=f"weight of the global sparsity constraint (default {LearnOptions.lambda_:g})")
     learn.add_argument("--constraint", choices=CONSTRAINTS, default=LearnOptions.constraint,

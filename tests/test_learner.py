@@ -167,6 +167,49 @@ def test_an_allocation_step_moves_no_layer_further_than_the_bound(bound):
     assert np.abs(moved).max() <= 1.5 * bound + 2 / min(problem.sizes)
 
 
+def three_layer_mlp(seed: int = 0) -> onnx.ModelProto:
+    """x[B,16] -> MatMul T[16,2] (32 weights) -> MatMul A[2,400] -> MatMul B[400,10]: a tiny
+    first layer, as a CNN's first convolution is beside the rest (MNIST's: 288 of 389920)."""
+    rng = np.random.default_rng(seed)
+    shapes = {"T": (16, 2), "A": (2, 400), "B": (400, 10)}
+    inits = [numpy_helper.from_array((rng.standard_normal(s) / 4).astype(np.float32), n) for n, s in shapes.items()]
+    nodes = [helper.make_node("MatMul", ["x", "T"], ["h0"], name="tiny"),
+             helper.make_node("MatMul", ["h0", "A"], ["h1"], name="mid"),
+             helper.make_node("MatMul", ["h1", "B"], ["logits"], name="head")]
+    graph = helper.make_graph(
+        nodes, "mlp3", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_tiny_layer_neither_sets_the_step_size_of_the_others_nor_outruns_them():
+    """u_l = g_l / c_l, the marginal loss per unit of global sparsity, is largest by far where
+    a layer barely counts in the budget (small c_l): on MNIST at 70% the first convolution's
+    median |u| was 650 times the next layer's on every step. Scaled by the mean |u|, each step
+    then moved that layer by the clamp and every other layer by under 1% of the learning rate,
+    and the tiny layer walked (4% -> 30% sparsity) on its noise. Scaled by the median, the
+    other layers keep steps of the learning rate's size, and no layer moves by more."""
+    learner, *_ = make_learner(three_layer_mlp(), reconstruct=False, target=0.5)
+    for layer in learner.layers:  # every layer at half sparsity, where its weights are dense
+        with torch.no_grad():
+            layer.theta.fill_(math.log(float(layer.magnitudes().median()) / layer.scale))
+        layer.refresh()
+    thetas = [layer.theta for layer in learner.layers]
+    c = torch.stack(torch.autograd.grad(learner.global_sparsity(), thetas)).detach()
+    assert float(c[0]) < 0.1 * float(c[1:].min())  # the tiny layer barely counts in the budget
+    for layer, u, c_l in zip(learner.layers, [1000.0, 2.0, -1.0], c):
+        layer.theta.grad = u * c_l  # g = u c: the tiny layer's zeros dearest, the head's cheapest
+    before = torch.stack(thetas).detach().clone()
+    lr = 0.05
+    learner._projected_threshold_step(lr)
+    moved = (torch.stack(thetas).detach() - before).numpy()
+    # moves differ only by the steps (the shift back to the target is common to all layers)
+    assert moved[2] - moved[1] >= 0.5 * lr  # dearer "mid" denser than "head", by a real step
+    assert moved.max() - moved.min() <= 2 * lr + 1e-6  # no layer outruns the others
+
+
 def test_constraint_alone_pulls_sparsity_to_the_target():
     learner, problem, *_ = make_learner(mlp(), target=0.6)
     for layer in learner.layers:
@@ -642,14 +685,18 @@ def test_refinement_stops_at_its_deadline_and_is_off_with_reconstruction_or_when
 
 def test_refinement_tries_first_the_pair_the_gradient_steps_rank_cheapest():
     """A budget may end a sweep early on a deep model: the first pair tried makes the layer with
-    the lowest marginal cost (running mean of the projected steps' u_l) sparser and the one
-    with the highest denser."""
+    the lowest marginal cost (running mean of the projected steps) sparser and the one with
+    the highest denser."""
     import time
 
-    learner, *_ = make_learner(mlp(hidden=32), target=0.5, reconstruct=False, iters=8)
+    learner, *_ = make_learner(three_layer_mlp(), target=0.6, reconstruct=False, iters=8)
     learner.fit()
     cost = learner.marginal_cost
-    assert cost is not None and cost.shape == (2,) and cost[0] != cost[1]
+    assert cost is not None and cost.shape == (3,)
+    cheap, dear = int(np.argmin(cost)), int(np.argmax(cost))
+    assert cost[cheap] < cost[dear]
+    # here the order is not the index order, which would try (0, 1) first
+    assert (cheap, dear) != (0, 1)
     start = np.asarray(learner.fixed_counts)
     tried = []
     split_loss = learner._split_loss
@@ -660,10 +707,9 @@ def test_refinement_tries_first_the_pair_the_gradient_steps_rank_cheapest():
 
     learner._split_loss = spy
     learner._refine({"loss": math.inf, "counts": start, "masks": learner.fixed_masks}, time.perf_counter() + 60)
-    cheap = int(np.argmin(cost))
-    assert cheap == 1  # here the second layer is the cheaper: index order would try (0, 1) first
     assert tried[0] == start.tolist()  # the starting point's own loss first
-    assert tried[1][cheap] > start[cheap] and tried[1][1 - cheap] < start[1 - cheap]
+    moved = np.asarray(tried[1]) - start
+    assert moved[cheap] > 0 and moved[dear] < 0 and moved.sum() == 0
 
 
 def test_refinement_shows_on_the_progress_bar():
@@ -911,7 +957,9 @@ def test_channel_nmse_normalises_each_channel_by_its_own_dense_energy():
 def test_channel_nmse_keeps_the_small_channels_of_a_detection_head_that_plain_nmse_gives_up(tmp_path):
     """Box coordinates around 320 concatenated with class sigmoids around 0.05 (YOLO-style):
     the plain energy-normalised loss hardly sees the classes. Measured on inputs never learned
-    on: class NMSE 0.76 with nmse and 0.23 with nmse-channel (60 steps), boxes 3.1e-3 and 4.3e-3."""
+    on (60 steps): class NMSE 0.35 with nmse and 0.22 with nmse-channel, boxes 3.4e-3 and
+    4.2e-3 (seed 1: 0.34 and 0.22; LAMP + reconstruction: 0.37 and 0.27). With the allocation
+    step scaled by the mean layer, before, plain nmse gave the classes up further (0.76)."""
     import onnxruntime as ort
 
     from fcpts_onnx import sparsify
@@ -955,7 +1003,7 @@ def test_channel_nmse_keeps_the_small_channels_of_a_detection_head_that_plain_nm
         y = ort.InferenceSession(str(out)).run(None, {"x": test})[0]
         errors[loss] = (nmse(y, slice(0, 4)), nmse(y, slice(4, 10)))
     (box_plain, cls_plain), (box_channel, cls_channel) = errors["nmse"], errors["nmse-channel"]
-    assert cls_channel < 0.5 * cls_plain, errors
+    assert cls_channel < 0.8 * cls_plain, errors
     assert box_channel < 3 * box_plain, errors  # the boxes pay a little for it
 
 

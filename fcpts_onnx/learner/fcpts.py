@@ -710,6 +710,16 @@ class Learner:
         optimality condition of min L_rec s.t. global sparsity = S. The penalty form of the
         reference code lands near S only when lambda happens to match the loss scale; this
         keeps the trained network at the target all along.
+
+        Steps are u_l over the median |u| across layers, at most 1 (so at most ``lr`` in
+        log-threshold a step). u_l is largest by far where a layer barely counts in the
+        budget: on MNIST at 70% the first convolution (288 of 389920 weights) had a median
+        |u| 650 times the next layer's, on every step. Over the mean |u|, as before, that one
+        layer set the scale: it moved by the clamp (then 5) every step, on its noise (4% ->
+        30% sparsity in 100 steps, test KL 0.00030 -> 0.00075), while every other layer
+        moved by under 1% of lr. Over the median the other layers move at lr's scale, and
+        the smaller lr (0.01 for 0.05) keeps their pace near what the old rule gave the
+        larger ones at 90%.
         """
         thetas = [layer.theta for layer in self.layers]
         g = torch.stack([t.grad if t.grad is not None else torch.zeros_like(t) for t in thetas]).detach()
@@ -717,9 +727,9 @@ class Learner:
                                             materialize_grads=True)).detach()
         usable = c > 1e-12
         u = torch.where(usable, g / c.clamp_min(1e-12), torch.zeros_like(g))
-        scale = u[usable].abs().mean() if usable.any() else torch.tensor(0.0)
+        scale = u[usable].abs().median() if usable.any() else torch.tensor(0.0)
         if float(scale) > 0:
-            step = (u / scale).clamp(-5.0, 5.0)
+            step = (u / scale).clamp(-1.0, 1.0)
             seen = step.detach().cpu().numpy().astype(np.float64)
             self.marginal_cost = seen if self.marginal_cost is None else 0.9 * self.marginal_cost + 0.1 * seen
             move = -lr * step
