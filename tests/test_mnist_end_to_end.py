@@ -152,3 +152,31 @@ def test_fcpts_beats_uniform_by_a_clear_margin_at_80_percent(tmp_path):
     # beside two benchmarks stopped at 175 evaluations), so only that they ran is asserted.
     assert refined["evaluations"] > 0
     assert refined["train_loss"]["after"] <= refined["train_loss"]["before"]
+
+
+def test_the_allocation_ceiling_tool_scores_an_allocation_as_the_written_model_does(sparse_models):
+    """tools/mnist_allocation_ceiling.py feeds masked weights to one session instead of writing
+    a model per candidate; at LAMP's counts it must give the outputs of the file sparsify wrote."""
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        spec = importlib.util.spec_from_file_location("mnist_allocation_ceiling",
+                                                      ROOT / "tools" / "mnist_allocation_ceiling.py")
+        ceiling = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ceiling)
+        from fcpts_onnx.masks import zero_smallest
+
+        model, names, originals, _, lamp = ceiling.mnist_allocation(0.8)
+        fed = ceiling.WeightsAsInputs(model, names)
+        x = np.load(BUNDLE / "calib.npz")["input"][:64]
+        got = fed.logp({n: zero_smallest(originals[n], int(k)) for n, k in zip(names, lamp)}, x)
+        written = ort.InferenceSession(str(sparse_models["lamp", 0.8][0]), providers=["CPUExecutionProvider"])
+        z = written.run(None, {"input": x})[0].astype(np.float64)
+        want = z - z.max(1, keepdims=True)
+        want -= np.log(np.exp(want).sum(1, keepdims=True))
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        dense = fed.logp(originals, x)
+        assert ceiling.per_image_kl(dense, got).mean() > 1e-4  # the pruned weights were fed, not the originals
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
