@@ -227,7 +227,12 @@ def format_summary(report: Report) -> str:
     for f in report.fidelity:
         parts = []
         if f.get("top1_agreement") is not None:
-            parts.append(f"top-1 agreement {f['top1_agreement']:.2%}")
+            interval = f.get("top1_interval")
+            parts.append(f"top-1 agreement {f['top1_agreement']:.2%}" + (
+                f" (95% interval {interval[0]:.1%} to {interval[1]:.1%} over {f['samples']} samples)"
+                if interval and f.get("samples") else ""))
+        if f.get("kl") is not None:
+            parts.append(f"KL {f['kl']:.3g}")
         if f.get("nmse") is not None:
             parts.append(f"NMSE {f['nmse']:.3g}")
         if f.get("cosine") is not None:
@@ -239,7 +244,8 @@ def format_summary(report: Report) -> str:
     kind = "generated" if cal["generated"] else "calibration"
     if cal.get("learned_on"):
         lines.append(f"on the {cal['held_out_samples']} of {cal['n_samples']} {kind} samples held out from learning "
-                     f"({cal['source']}; learned on the other {cal['learned_on']})")
+                     f"({cal['source']}; learned on the other {cal['learned_on']}; they also chose the "
+                     "snapshot kept, which can flatter these numbers)")
     else:
         lines.append(f"on {cal['n_samples']} {kind} samples ({cal['source']})")
     if report.skipped:
