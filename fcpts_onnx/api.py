@@ -19,6 +19,7 @@ from . import __version__
 from .allocation import AllocationProblem, allocate, get_allocator
 from .allocation.problem import check_feasible
 from .calibration import (
+    GENERATED_INPUTS_HINT,
     BatchLayout,
     CalibrationSet,
     generate,
@@ -216,8 +217,7 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
         else:
             calibration = _calibration(calibration_data, loaded, input_shapes, layout)
         if not layout.trivial:  # where each output keeps its samples, measured by onnxruntime
-            hint = ("; the inputs were generated from the graph's shapes: give real ones with --calib or sizes "
-                    "with --shape" if calibration.generated else "")
+            hint = GENERATED_INPUTS_HINT if calibration.generated else ""
             calibration.layout = output_batch_axes(loaded.path, calibration, fixed, run_hint=hint)
         # Dynamic-shape exports: count MACs at the calibration data's sample shape (a graph with
         # a fixed batch is measured at that batch: onnxruntime refuses any other).
@@ -232,8 +232,7 @@ def run(model_input: str | Path, model_output: str | Path | None, calibration_da
         fidelity_idx = np.arange(calibration.n_samples)  # nothing learned: every sample is held out
     fidelity_set = calibration.take(fidelity_idx)
     with timer.stage("dense_reference"):
-        hint = ("; the inputs were generated from the graph's shapes: give real ones with --calib or sizes "
-                "with --shape" if calibration.generated else "")
+        hint = GENERATED_INPUTS_HINT if calibration.generated else ""
         dense = run_onnxruntime(loaded.path, fidelity_set, options.batch_size, what="input model", run_hint=hint)
     for name, value in dense.items():
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():

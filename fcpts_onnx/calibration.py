@@ -351,6 +351,11 @@ def validate(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str,
         )
 
 
+# ends an onnxruntime failure on generated inputs: dynamic dimensions were guessed (32)
+GENERATED_INPUTS_HINT = ("; the inputs were generated from the graph's shapes: give real ones with --calib or "
+                         "sizes with --shape")
+
+
 def generate(specs: list[InputSpec], n_samples: int = 8, seed: int = 0,
              shapes: Mapping[str, tuple[int, ...]] | None = None,
              layout: BatchLayout | None = None) -> CalibrationSet:

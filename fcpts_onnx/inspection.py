@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from .calibration import generate, graph_inputs
+from .calibration import GENERATED_INPUTS_HINT, generate, graph_inputs
 from .discovery import assign_macs, discover
-from .errors import FcptsError
+from .errors import FcptsError, UnsupportedModelError
 from .masks import count_zeros
 from .onnx_io import load_model
 from .report import _fmt_count, _short, format_layer_table, layer_label
@@ -147,7 +147,12 @@ def inspect_parity(model_path: str | Path, calibration_data: Any = None, *, devi
         calibration = generate(graph_inputs(loaded.model), shapes=input_shapes, layout=layout)
     else:
         calibration = load_calibration(calibration_data, loaded.model, layout)
-    trainable = convert_and_check(loaded, found, calibration, device=device)
+    try:
+        trainable = convert_and_check(loaded, found, calibration, device=device)
+    except UnsupportedModelError as exc:
+        if calibration.generated and str(exc).startswith("onnxruntime cannot run"):
+            raise UnsupportedModelError(f"{exc}{GENERATED_INPUTS_HINT}") from None
+        raise
     params = parameter_table(trainable.module)
     return {
         "path": str(loaded.path),
@@ -184,6 +189,7 @@ def format_parity(info: dict[str, Any]) -> str:
         d = parity["first_divergence"]
         lines.append(f"first divergent node: {d['node']!r} ({d['op_type']}) output {d['output']!r}, "
                      f"relative diff {d['relative_diff']:.2e}")
+    lines.extend(f"note: {note}" for note in parity.get("notes", []))
     by_role = info["trainable_params_by_role"]
     lines.append(f"trainable parameters: {len(info['trainable_parameters'])} tensors; "
                  f"{by_role['weight']} prunable weights, {by_role['bias']} bias, {by_role['norm']} normalisation")

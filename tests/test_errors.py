@@ -456,3 +456,19 @@ def test_successful_run(tiny_model, out_dir, capfd, tmp_path, method):
     written = onnx.load(str(out_dir / "m.sparse.onnx"))
     zeros = sum(int(np.count_nonzero(numpy_helper.to_array(t) == 0)) for t in written.graph.initializer)
     assert zeros == required
+
+
+def test_inspect_parity_on_generated_inputs_that_do_not_fit_says_how_to_give_sizes(tmp_path, capfd):
+    """A spectrogram front end (openwakeword's melspectrogram) convolves a dynamic-length signal
+    with a 64-wide kernel: the generated 32 samples are too short for onnxruntime. The refusal
+    names --shape and --calib, as optimize's does."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 1, 64)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "frontend",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, "samples"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, "frames"])], [w])
+    path = save_model(graph, tmp_path / "mel.onnx")
+    line = assert_refused(["inspect", path, "--parity"], capfd, tmp_path, "onnxruntime cannot run", "--shape",
+                          "--calib")
+    assert "generated" in line
+    code, out, err, _ = run_main(["inspect", path, "--parity", "--shape", "x=2,1,256"], capfd)
+    assert code == 0 and "pass" in out, (out, err)

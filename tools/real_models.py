@@ -57,6 +57,21 @@ def _audio_calib(width: int, sample_rate: int | None, n: int = 64) -> Callable[[
     return write
 
 
+def _signal_calib(width: int, n: int = 64) -> Callable[[Path], None]:
+    """Synthetic 16 kHz chunks (tones and noise) as the one input ``input`` [n, width]: a
+    front end with a dynamic length, which generated inputs (32 samples) are too short for."""
+    def write(path: Path) -> None:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        t = np.arange(width) / 16000
+        chunks = [0.3 * np.sin(2 * np.pi * rng.uniform(100, 800) * t) + 0.02 * rng.standard_normal(width)
+                  for _ in range(n)]
+        np.savez(path, input=np.stack(chunks).astype(np.float32))
+
+    return write
+
+
 MODELS = [
     RealModel("ddddocr-common", "ddddocr==1.6.1", "ddddocr/common.onnx", "CRNN text recogniser"),
     RealModel("ddddocr-det", "ddddocr==1.6.1", "ddddocr/common_det.onnx", "YOLO-style text detector"),
@@ -75,6 +90,13 @@ MODELS = [
               "voice activity, 16k and 8k networks in one If", _audio_calib(512, 16000)),
     RealModel("silero-vad-sequence", "silero_vad==6.2.3", "silero_vad/data/silero_vad_16k_sequence.onnx",
               "voice activity, sequence input"),
+    RealModel("openwakeword-melspectrogram", "openwakeword==0.5.1",
+              "openwakeword/resources/models/melspectrogram.onnx", "wake word front end, dynamic length",
+              _signal_calib(1280)),
+    RealModel("openwakeword-embedding", "openwakeword==0.5.1", "openwakeword/resources/models/embedding_model.onnx",
+              "wake word speech embedding, NHWC CNN"),
+    RealModel("openwakeword-hey-jarvis", "openwakeword==0.5.1", "openwakeword/resources/models/hey_jarvis_v0.1.onnx",
+              "wake word head, verifier in an If, fixed batch 1"),
     RealModel("silero-vad-openvino", "silero_vad==6.2.3", "silero_vad/data/silero_vad_openvino_16k.onnx",
               "voice activity, stateful, fixed batch 1", _audio_calib(576, None)),
 ]

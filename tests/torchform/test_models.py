@@ -276,3 +276,67 @@ def test_parity_allows_half_precision_inside_a_float32_graph():
     assert half_precision_floor(control) == 0.0
     (output,) = check_parity(control, OnnxModule(control, discover(control).weights), feeds).outputs
     assert output.tolerance == 1e-4 and output.passed
+
+
+def _detector_head(bias: float, tail: str = "Sigmoid") -> onnx.ModelProto:
+    """Gemm -> Sigmoid -> Reshape, and an If whose branches both pass the probability on: a
+    wake-word or VAD head. ``tail`` "Mul" scales the probability by 2 after the If instead."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((0.05 * rng.standard_normal((1, 64))).astype(np.float32), "W")
+    b = numpy_helper.from_array(np.array([bias], np.float32), "B")
+    shape = numpy_helper.from_array(np.array([-1], np.int64), "shape")
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    half = numpy_helper.from_array(np.array(0.5, np.float32), "half")
+
+    def branch(name: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("Identity", ["p"], [f"{name}_out"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [None])])
+
+    nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["z"], transB=1),
+             helper.make_node("Sigmoid", ["z"], ["s"]),
+             helper.make_node("Reshape", ["s", "shape"], ["p"]),
+             helper.make_node("ReduceMax", ["p"], ["top"], keepdims=0),
+             helper.make_node("Less", ["top", "half"], ["quiet"]),
+             helper.make_node("If", ["quiet"], ["y" if tail == "Sigmoid" else "q"],
+                              then_branch=branch("then"), else_branch=branch("else"))]
+    if tail == "Mul":
+        nodes.append(helper.make_node("Mul", ["q", "two"], ["y"]))
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])], [w, b, shape, two, half])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_sigmoid_output_far_in_its_tail_is_compared_against_the_sigmoids_range():
+    """onnxruntime's Sigmoid is accurate to about 1e-7 absolute: at logits near -14 (p ~ 1e-6,
+    a detector that saw only negatives) it is several percent off relatively. Measured against
+    its largest value the check refused such a head (openwakeword's hey_jarvis on negatives:
+    7.6e-3); measured against the sigmoid's range it passes, with a note."""
+    from fcpts_onnx.torchform.parity import _compare, check_parity, unit_range_values
+
+    feeds = {"x": np.random.default_rng(1).normal(size=(8, 64)).astype(np.float32)}
+    model = _detector_head(-14.0)
+    assert {"s", "p", "y"} <= unit_range_values(model.graph)
+    result = check_parity(model, OnnxModule(model, discover(model).weights), feeds)
+    (output,) = result.outputs
+    assert output.max_abs_reference < 1e-5 and output.passed, output
+    assert output.max_abs_diff / output.max_abs_reference > 1e-4  # the old measure would have refused
+    assert any("Sigmoid" in note for note in result.notes)
+    # away from the tail nothing changes: the same head at logits near 0 passes on the old measure
+    (plain,) = check_parity(_detector_head(0.0), OnnxModule(_detector_head(0.0), discover(_detector_head(0.0)).weights),
+                            feeds).outputs
+    assert plain.passed and plain.max_abs_diff / plain.max_abs_reference <= 1e-4
+    # a real error still fails: 2e-4 off a probability is twice the tolerance, whatever its size
+    ref = np.full(4, 1e-6, np.float32)
+    assert not _compare("y", ref + np.float32(2e-4), ref, unit_range=True).passed
+    assert _compare("y", ref + np.float32(5e-8), ref, unit_range=True).passed
+
+
+def test_only_values_that_keep_a_sigmoids_range_are_measured_against_it():
+    from fcpts_onnx.torchform.parity import unit_range_values
+
+    scaled = _detector_head(-14.0, tail="Mul")
+    unit = unit_range_values(scaled.graph)
+    assert "q" in unit and "y" not in unit  # 2 * sigmoid leaves [0, 1]
+    assert "z" not in unit and "top" in unit  # the logits never were in it; a max of probabilities is
